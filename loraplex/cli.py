@@ -1,0 +1,23 @@
+"""The `loraplex` command: mounts each package's CLI. Nothing else lives here."""
+
+from __future__ import annotations
+
+import typer
+
+from server import cli as server_cli
+
+app = typer.Typer(
+    help="loraplex: serve, version and test many LoRA adapters on one base model.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+app.command("serve")(server_cli.serve)
+app.add_typer(server_cli.model_app, name="model")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

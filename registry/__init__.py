@@ -1,0 +1,1 @@
+"""Adapter identity: versions, aliases, artifact stores and validation of adapter files."""

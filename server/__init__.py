@@ -1,0 +1,1 @@
+"""The OpenAI-compatible serving layer of loraplex."""

@@ -1,0 +1,111 @@
+"""HTTP routes of the OpenAI-compatible API and the operational endpoints. Routes are thin: they
+check the key, call `CompletionService`, and wrap its result; errors map in `server.http_errors`.
+"""
+
+from __future__ import annotations
+
+import hmac
+import time
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Header, HTTPException, Request, Response
+from fastapi.responses import JSONResponse, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from server.errors import EngineNotReadyError
+from server.openai_service import CompletionService, Prepared
+from server.protocol import ChatCompletionRequest, CompletionRequest
+from server.state import AppState
+
+router = APIRouter()
+
+
+def get_state(request: Request) -> AppState:
+    return request.app.state.loraplex
+
+
+StateDep = Annotated[AppState, Depends(get_state)]
+
+
+def require_inference_key(
+    state: StateDep, authorization: Annotated[str | None, Header()] = None
+) -> None:
+    keys = state.api_keys
+    if not keys:
+        return
+    scheme, _, token = (authorization or "").partition(" ")
+    if scheme.lower() != "bearer" or not any(hmac.compare_digest(token, k) for k in keys):
+        raise HTTPException(
+            401, "Missing or invalid API key (Authorization: Bearer KEY).",
+            headers={"WWW-Authenticate": "Bearer"},
+        )  # fmt: skip
+
+
+def _require_ready(state: AppState) -> CompletionService:
+    if not state.engine.ready:
+        raise EngineNotReadyError()
+    return state.service
+
+
+def _respond(prepared: Prepared, body_or_stream, *, stream: bool) -> Response:
+    headers = {}
+    if prepared.target.adapter is not None:
+        headers["x-loraplex-adapter"] = prepared.target.served_as
+    if stream:
+        return StreamingResponse(body_or_stream, media_type="text/event-stream", headers=headers)
+    return JSONResponse(body_or_stream, headers=headers)
+
+
+@router.post("/v1/chat/completions", dependencies=[Depends(require_inference_key)])
+async def chat_completions(req: ChatCompletionRequest, state: StateDep) -> Response:
+    service = _require_ready(state)
+    prepared = await service.prepare_chat(req)
+    if req.stream:
+        return _respond(prepared, service.stream(prepared), stream=True)
+    return _respond(prepared, await service.complete(prepared), stream=False)
+
+
+@router.post("/v1/completions", dependencies=[Depends(require_inference_key)])
+async def completions(req: CompletionRequest, state: StateDep) -> Response:
+    service = _require_ready(state)
+    prepared = await service.prepare_completion(req)
+    if req.stream:
+        return _respond(prepared, service.stream(prepared), stream=True)
+    return _respond(prepared, await service.complete(prepared), stream=False)
+
+
+@router.get("/v1/models", dependencies=[Depends(require_inference_key)])
+async def list_models(state: StateDep) -> dict:
+    base = state.engine.info
+    data = [
+        {
+            "id": name,
+            "object": "model",
+            "created": state.started_at,
+            "owned_by": "loraplex",
+            "root": base.path if name == base.served_name else name,
+            "parent": None if name == base.served_name else base.served_name,
+            "max_model_len": base.max_model_len,
+        }
+        for name in state.resolver.model_names()
+    ]
+    return {"object": "list", "data": data}
+
+
+@router.get("/health")
+async def health() -> dict:
+    return {"status": "ok", "time": time.time()}
+
+
+@router.get("/ready")
+async def ready(state: StateDep) -> JSONResponse:
+    problem = await state.readiness_problem()
+    if problem:
+        return JSONResponse({"status": "not ready", "reason": problem}, status_code=503)
+    return JSONResponse({"status": "ready", "model": state.engine.info.served_name})
+
+
+@router.get("/metrics")
+async def metrics(state: StateDep) -> Response:
+    state.metrics.engine_ready.set(1 if state.engine.ready else 0)
+    return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)

@@ -1,0 +1,72 @@
+"""The FastAPI application factory. Everything the app uses is passed in (engine, resolver,
+metrics registry, keys), so tests can build apps around the real engine or the fake one.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+from prometheus_client import CollectorRegistry
+
+from loraplex import __version__
+from server.api import router
+from server.engine import Engine
+from server.http_errors import install_error_handlers
+from server.metrics import ServerMetrics
+from server.openai_service import CompletionService
+from server.state import AppState
+from server.targets import ModelResolver
+
+log = logging.getLogger(__name__)
+
+
+def create_app(
+    *,
+    engine: Engine,
+    resolver: ModelResolver,
+    metrics: ServerMetrics | None = None,
+    api_keys: list[str] | None = None,
+    manage_engine: bool = True,
+    on_ready: Callable[[], None] | None = None,
+) -> FastAPI:
+    """Build the app. With `manage_engine`, startup starts the engine and preloads adapters and
+    shutdown stops it; without, the caller owns the engine's lifetime (a shared test engine)."""
+    metrics = metrics or ServerMetrics(CollectorRegistry())
+    state = AppState(
+        engine=engine,
+        resolver=resolver,
+        service=CompletionService(engine, resolver, metrics),
+        metrics=metrics,
+        api_keys=list(api_keys or []),
+        started_at=int(time.time()),
+    )
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI):
+        try:
+            if manage_engine:
+                await engine.start()
+            await resolver.preload()
+            state.startup_done = True
+            metrics.engine_ready.set(1)
+            if on_ready is not None:
+                on_ready()
+        except Exception as e:  # keep answering /health and /ready with the reason
+            state.startup_error = str(e)
+            log.exception("startup failed")
+            raise
+        try:
+            yield
+        finally:
+            if manage_engine:
+                await engine.shutdown()
+
+    app = FastAPI(title="loraplex", version=__version__, lifespan=lifespan)
+    app.state.loraplex = state
+    install_error_handlers(app)
+    app.include_router(router)
+    return app

@@ -1,0 +1,88 @@
+"""`loraplex serve` and `loraplex model prepare`: parse flags, build settings, call the library."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from server.settings import ServeSettings
+
+console = Console(stderr=True)
+model_app = typer.Typer(help="The base model: prepare the embedded default.", no_args_is_help=True)
+
+
+def _prepare_model(home: Path) -> Path:
+    from server.embedded_model import (
+        ModelPrepareError,
+        embedded_model_dir,
+        is_prepared,
+        prepare_embedded_model,
+    )
+
+    folder = embedded_model_dir(home)
+    if is_prepared(folder):
+        return folder
+    try:
+        with console.status("Preparing the embedded model (SmolLM2-135M-Instruct)...") as status:
+            return prepare_embedded_model(home, progress=lambda m: status.update(m))
+    except ModelPrepareError as e:
+        console.print(f"[red]error:[/red] {e}")
+        raise typer.Exit(1) from e
+
+
+@model_app.command("prepare")
+def prepare(
+    home: Annotated[Path | None, typer.Option(help="data dir [env LORAPLEX_HOME]")] = None,
+    json_output: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
+) -> None:
+    """Fetch and convert the embedded default model once; print its folder."""
+    settings = ServeSettings(**({"home": home} if home else {}))
+    folder = _prepare_model(settings.data_dir())
+    if json_output:
+        import json
+
+        print(json.dumps({"model": str(folder)}))
+    else:
+        print(folder)
+
+
+def serve(
+    model: Annotated[
+        Path | None, typer.Option(help="local HF model folder (default: embedded)")
+    ] = None,
+    host: Annotated[str | None, typer.Option(help="bind address [127.0.0.1]")] = None,
+    port: Annotated[int | None, typer.Option(help="port [8000]")] = None,
+    adapter: Annotated[
+        list[str] | None, typer.Option(help="NAME=PATH local LoRA folder (repeatable)")
+    ] = None,
+    served_name: Annotated[str | None, typer.Option(help="the base model's name [smollm2]")] = None,
+    max_loras: Annotated[int | None, typer.Option(help="adapters active in one batch [4]")] = None,
+    max_lora_rank: Annotated[int | None, typer.Option(help="largest adapter rank [16]")] = None,
+    max_model_len: Annotated[
+        int | None, typer.Option(help="context window in tokens [2048]")
+    ] = None,
+    kv_cache_gib: Annotated[int | None, typer.Option(help="CPU KV cache size in GiB [2]")] = None,
+    api_key: Annotated[list[str] | None, typer.Option(help="inference key (repeatable)")] = None,
+    home: Annotated[Path | None, typer.Option(help="data dir [~/.loraplex]")] = None,
+) -> None:
+    """Serve the OpenAI-compatible API on a vLLM engine, with per-request LoRA adapters."""
+    flags = {
+        "model": model, "host": host, "port": port, "adapters": adapter or None,
+        "served_name": served_name, "max_loras": max_loras, "max_lora_rank": max_lora_rank,
+        "max_model_len": max_model_len, "kv_cache_gib": kv_cache_gib,
+        "api_keys": api_key or None, "home": home,
+    }  # fmt: skip
+    settings = ServeSettings(**{k: v for k, v in flags.items() if v is not None})
+    from server.runner import ServeError, run_server
+
+    model_dir = settings.model or _prepare_model(settings.data_dir())
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        run_server(settings, model_dir=model_dir, console=console)
+    except ServeError as e:
+        console.print(f"[red]error:[/red] {e}")
+        raise typer.Exit(2) from e

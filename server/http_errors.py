@@ -1,0 +1,86 @@
+"""The one place where exceptions become HTTP: OpenAI-shaped error bodies with the right status.
+
+`{"error": {"message", "type", "param", "code"}}` for every failure, FastAPI's validation errors
+included (400 listing every problem at once, never the default 422 body).
+"""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from server.errors import (
+    AdapterLoadError,
+    EngineNotReadyError,
+    InvalidRequestError,
+    LoraplexError,
+    ModelNotFoundError,
+    OverloadedError,
+)
+
+log = logging.getLogger(__name__)
+
+# Most specific first; the first isinstance match wins.
+_STATUS: tuple[tuple[type[LoraplexError], int, str], ...] = (
+    (InvalidRequestError, 400, "invalid_request_error"),
+    (ModelNotFoundError, 404, "invalid_request_error"),
+    (OverloadedError, 429, "rate_limit_error"),
+    (EngineNotReadyError, 503, "service_unavailable_error"),
+    (AdapterLoadError, 500, "server_error"),
+    (LoraplexError, 500, "server_error"),
+)
+_HTTP_TYPES = {401: "authentication_error", 403: "permission_error", 404: "invalid_request_error"}
+
+
+def openai_error(message: str, *, type: str, param: str | None = None, code: str | None = None):
+    return {"error": {"message": message, "type": type, "param": param, "code": code}}
+
+
+def error_body(exc: Exception) -> tuple[int, dict]:
+    if isinstance(exc, LoraplexError):
+        for cls, status, kind in _STATUS:
+            if isinstance(exc, cls):
+                return status, openai_error(exc.message, type=kind, param=exc.param, code=exc.code)
+    log.exception("unexpected error", exc_info=exc)
+    return 500, openai_error(f"Internal server error: {type(exc).__name__}", type="server_error")
+
+
+def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
+    problems, params = [], []
+    for err in exc.errors():
+        loc = [str(p) for p in err.get("loc", ()) if p != "body"]
+        if err.get("type") == "json_invalid":
+            return f"The request body is not valid JSON: {err.get('msg')}", None
+        where = ".".join(loc) or "body"
+        params.append(where)
+        problems.append(f"{where}: {err.get('msg')}")
+    count = f"{len(problems)} problems" if len(problems) > 1 else "1 problem"
+    return f"Invalid request ({count}): " + "; ".join(problems), params[0] if params else None
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(LoraplexError)
+    async def _domain(_: Request, exc: LoraplexError) -> JSONResponse:
+        status, body = error_body(exc)
+        return JSONResponse(body, status_code=status)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
+        message, param = _validation_message(exc)
+        body = openai_error(message, type="invalid_request_error", param=param)
+        return JSONResponse(body, status_code=400)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        kind = _HTTP_TYPES.get(exc.status_code, "invalid_request_error")
+        body = openai_error(str(exc.detail), type=kind)
+        return JSONResponse(body, status_code=exc.status_code, headers=exc.headers)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
+        status, body = error_body(exc)
+        return JSONResponse(body, status_code=status)

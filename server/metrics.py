@@ -1,0 +1,87 @@
+"""Prometheus instruments of the server, created against an injected registry so that tests can
+build many apps in one process. Labels are bounded: `model` is always a resolved served name
+(base name or adapter identity), never a string the client made up; unknown models count as
+"unknown".
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+_LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80)
+_TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.2, 0.4, 0.8, 1.6, 3.2, 6.4, 12.8)
+
+
+class ServerMetrics:
+    def __init__(self, registry: CollectorRegistry):
+        self.registry = registry
+        self.requests = Counter(
+            "loraplex_requests_total",
+            "Finished inference requests.",
+            ["model", "endpoint", "status"],
+            registry=registry,
+        )
+        self.in_flight = Gauge(
+            "loraplex_requests_in_flight", "Inference requests being served.", registry=registry
+        )
+        self.latency = Histogram(
+            "loraplex_request_duration_seconds",
+            "End-to-end latency of successful requests.",
+            ["model", "endpoint"],
+            buckets=_LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.ttft = Histogram(
+            "loraplex_time_to_first_token_seconds",
+            "Time from request arrival to the first generated token.",
+            ["model"],
+            buckets=_TTFT_BUCKETS,
+            registry=registry,
+        )
+        self.prompt_tokens = Counter(
+            "loraplex_prompt_tokens_total", "Prompt tokens processed.", ["model"], registry=registry
+        )
+        self.generation_tokens = Counter(
+            "loraplex_generation_tokens_total",
+            "Tokens generated.",
+            ["model"],
+            registry=registry,
+        )
+        self.adapter_loads = Counter(
+            "loraplex_adapter_loads_total",
+            "Adapter loads into the engine.",
+            ["adapter", "status"],
+            registry=registry,
+        )
+        self.adapter_load_seconds = Histogram(
+            "loraplex_adapter_load_seconds",
+            "Time to load an adapter into the engine.",
+            ["adapter"],
+            registry=registry,
+        )
+        self.engine_ready = Gauge(
+            "loraplex_engine_ready", "1 when the engine can serve.", registry=registry
+        )
+
+    def observe_adapter_load(self, adapter: str, seconds: float, *, ok: bool = True) -> None:
+        self.adapter_loads.labels(adapter, "ok" if ok else "error").inc()
+        if ok:
+            self.adapter_load_seconds.labels(adapter).observe(seconds)
+
+    def observe_request(
+        self,
+        *,
+        model: str,
+        endpoint: str,
+        status: int,
+        seconds: float | None = None,
+        prompt_tokens: int = 0,
+        generation_tokens: int = 0,
+    ) -> None:
+        self.requests.labels(model, endpoint, str(status)).inc()
+        if seconds is not None and status < 400:
+            self.latency.labels(model, endpoint).observe(seconds)
+        if prompt_tokens:
+            self.prompt_tokens.labels(model).inc(prompt_tokens)
+        if generation_tokens:
+            self.generation_tokens.labels(model).inc(generation_tokens)

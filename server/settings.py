@@ -1,0 +1,33 @@
+"""Runtime settings of `loraplex serve`: flags, else `LORAPLEX_*` environment variables, else
+defaults. Built once by the CLI (or a test) and passed down; nothing below reads the environment.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class ServeSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="LORAPLEX_", extra="ignore")
+
+    home: Path = Field(
+        default=Path("~/.loraplex"), description="data dir (models, registry, cache)"
+    )
+    model: Path | None = Field(default=None, description="local HF model folder; default: embedded")
+    served_name: str = "smollm2"
+    host: str = "127.0.0.1"
+    port: int = 8000
+    adapters: list[str] = Field(default_factory=list, description="NAME=PATH local adapters")
+    max_loras: int = Field(default=4, ge=1)
+    max_lora_rank: int = Field(default=16, ge=1)
+    max_cpu_loras: int = Field(default=16, ge=1)
+    max_model_len: int = Field(default=2048, ge=64)
+    max_num_seqs: int = Field(default=32, ge=1)
+    kv_cache_gib: int = Field(default=2, ge=1, description="CPU KV cache size (GiB)")
+    api_keys: list[str] = Field(default_factory=list, description="inference keys; empty: open")
+
+    def data_dir(self) -> Path:
+        return self.home.expanduser()
