@@ -12,7 +12,7 @@ from fastapi import APIRouter, Depends, Header, HTTPException, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from server.errors import EngineNotReadyError
+from server.errors import EngineNotReadyError, LoraplexError, error_body
 from server.openai_service import CompletionService, Prepared
 from server.protocol import ChatCompletionRequest, CompletionRequest
 from server.state import AppState
@@ -56,10 +56,27 @@ def _respond(prepared: Prepared, body_or_stream, *, stream: bool) -> Response:
     return JSONResponse(body_or_stream, headers=headers)
 
 
+async def _prepare(state: AppState, req: ChatCompletionRequest | CompletionRequest) -> Prepared:
+    """Prepare, counting a rejected request under its model (or "unknown": labels stay bounded)."""
+    try:
+        service = _require_ready(state)
+        if isinstance(req, ChatCompletionRequest):
+            return await service.prepare_chat(req)
+        return await service.prepare_completion(req)
+    except LoraplexError as e:
+        known = req.model in state.resolver.model_names()
+        endpoint = "chat" if isinstance(req, ChatCompletionRequest) else "completions"
+        status, _ = error_body(e)
+        state.metrics.observe_request(
+            model=req.model if known else "unknown", endpoint=endpoint, status=status
+        )
+        raise
+
+
 @router.post("/v1/chat/completions", dependencies=[Depends(require_inference_key)])
 async def chat_completions(req: ChatCompletionRequest, state: StateDep) -> Response:
-    service = _require_ready(state)
-    prepared = await service.prepare_chat(req)
+    prepared = await _prepare(state, req)
+    service = state.service
     if req.stream:
         return _respond(prepared, service.stream(prepared), stream=True)
     return _respond(prepared, await service.complete(prepared), stream=False)
@@ -67,8 +84,8 @@ async def chat_completions(req: ChatCompletionRequest, state: StateDep) -> Respo
 
 @router.post("/v1/completions", dependencies=[Depends(require_inference_key)])
 async def completions(req: CompletionRequest, state: StateDep) -> Response:
-    service = _require_ready(state)
-    prepared = await service.prepare_completion(req)
+    prepared = await _prepare(state, req)
+    service = state.service
     if req.stream:
         return _respond(prepared, service.stream(prepared), stream=True)
     return _respond(prepared, await service.complete(prepared), stream=False)

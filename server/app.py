@@ -4,6 +4,7 @@ metrics registry, keys), so tests can build apps around the real engine or the f
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Callable
@@ -32,6 +33,7 @@ def create_app(
     api_keys: list[str] | None = None,
     manage_engine: bool = True,
     on_ready: Callable[[], None] | None = None,
+    on_startup_error: Callable[[str], None] | None = None,
 ) -> FastAPI:
     """Build the app. With `manage_engine`, startup starts the engine and preloads adapters and
     shutdown stops it; without, the caller owns the engine's lifetime (a shared test engine)."""
@@ -45,23 +47,31 @@ def create_app(
         started_at=int(time.time()),
     )
 
-    @asynccontextmanager
-    async def lifespan(_: FastAPI):
+    async def start() -> None:
         try:
             if manage_engine:
                 await engine.start()
             await resolver.preload()
-            state.startup_done = True
-            metrics.engine_ready.set(1)
-            if on_ready is not None:
-                on_ready()
-        except Exception as e:  # keep answering /health and /ready with the reason
-            state.startup_error = str(e)
+        except Exception as e:  # /ready reports the reason; the caller decides whether to exit
+            state.startup_error = f"{type(e).__name__}: {e}"
             log.exception("startup failed")
-            raise
+            if on_startup_error is not None:
+                on_startup_error(state.startup_error)
+            return
+        state.startup_done = True
+        metrics.engine_ready.set(1)
+        if on_ready is not None:
+            on_ready()
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI):
+        # The engine starts in the background so that /health answers at once and /ready says
+        # "starting" until the engine and adapters are loaded.
+        task = asyncio.create_task(start())
         try:
             yield
         finally:
+            task.cancel()
             if manage_engine:
                 await engine.shutdown()
 

@@ -1,5 +1,5 @@
-"""The exception tree of the serving layer. Domain code raises these; `server.http_errors` maps
-them once to OpenAI-shaped error bodies.
+"""The exception tree of the serving layer and its OpenAI shape. Domain code raises these;
+`error_body` gives each its status and body; `server.http_errors` installs it in FastAPI.
 
     LoraplexError
     ├── InvalidRequestError        400  the request is malformed or asks for something impossible
@@ -12,6 +12,10 @@ them once to OpenAI-shaped error bodies.
 """
 
 from __future__ import annotations
+
+import logging
+
+log = logging.getLogger(__name__)
 
 
 class LoraplexError(Exception):
@@ -60,3 +64,27 @@ class OverloadedError(LoraplexError):
 
     def __init__(self, message: str):
         super().__init__(message, code="overloaded")
+
+
+# Most specific first; the first isinstance match wins.
+_STATUS: tuple[tuple[type[LoraplexError], int, str], ...] = (
+    (InvalidRequestError, 400, "invalid_request_error"),
+    (ModelNotFoundError, 404, "invalid_request_error"),
+    (OverloadedError, 429, "rate_limit_error"),
+    (EngineNotReadyError, 503, "service_unavailable_error"),
+    (AdapterLoadError, 500, "server_error"),
+    (LoraplexError, 500, "server_error"),
+)
+
+
+def openai_error(message: str, *, type: str, param: str | None = None, code: str | None = None):
+    return {"error": {"message": message, "type": type, "param": param, "code": code}}
+
+
+def error_body(exc: Exception) -> tuple[int, dict]:
+    if isinstance(exc, LoraplexError):
+        for cls, status, kind in _STATUS:
+            if isinstance(exc, cls):
+                return status, openai_error(exc.message, type=kind, param=exc.param, code=exc.code)
+    log.exception("unexpected error", exc_info=exc)
+    return 500, openai_error(f"Internal server error: {type(exc).__name__}", type="server_error")

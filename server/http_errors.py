@@ -6,47 +6,14 @@ included (400 listing every problem at once, never the default 422 body).
 
 from __future__ import annotations
 
-import logging
-
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from server.errors import (
-    AdapterLoadError,
-    EngineNotReadyError,
-    InvalidRequestError,
-    LoraplexError,
-    ModelNotFoundError,
-    OverloadedError,
-)
+from server.errors import LoraplexError, error_body, openai_error
 
-log = logging.getLogger(__name__)
-
-# Most specific first; the first isinstance match wins.
-_STATUS: tuple[tuple[type[LoraplexError], int, str], ...] = (
-    (InvalidRequestError, 400, "invalid_request_error"),
-    (ModelNotFoundError, 404, "invalid_request_error"),
-    (OverloadedError, 429, "rate_limit_error"),
-    (EngineNotReadyError, 503, "service_unavailable_error"),
-    (AdapterLoadError, 500, "server_error"),
-    (LoraplexError, 500, "server_error"),
-)
 _HTTP_TYPES = {401: "authentication_error", 403: "permission_error", 404: "invalid_request_error"}
-
-
-def openai_error(message: str, *, type: str, param: str | None = None, code: str | None = None):
-    return {"error": {"message": message, "type": type, "param": param, "code": code}}
-
-
-def error_body(exc: Exception) -> tuple[int, dict]:
-    if isinstance(exc, LoraplexError):
-        for cls, status, kind in _STATUS:
-            if isinstance(exc, cls):
-                return status, openai_error(exc.message, type=kind, param=exc.param, code=exc.code)
-    log.exception("unexpected error", exc_info=exc)
-    return 500, openai_error(f"Internal server error: {type(exc).__name__}", type="server_error")
 
 
 def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:

@@ -7,6 +7,7 @@ FastAPI: routes in `server.api` call it and turn its results into HTTP responses
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 import uuid
@@ -14,7 +15,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, replace
 
 from server.engine import Engine, GenerationRequest, SamplingOptions
-from server.errors import ContextLengthError, InvalidRequestError
+from server.errors import ContextLengthError, InvalidRequestError, error_body
 from server.metrics import ServerMetrics
 from server.protocol import ChatCompletionRequest, CompletionRequest
 from server.streams import Collected, Merged, collect, merge_streams, openai_logprobs
@@ -123,6 +124,7 @@ class CompletionService:
     async def complete(self, prepared: Prepared) -> dict:
         """Run to the end and return the whole OpenAI response body."""
         status = 500
+        self._metrics.in_flight.inc()
         try:
             collected = await collect(self._merged(prepared), on_first_token=self._ttft(prepared))
             status = 200
@@ -133,14 +135,16 @@ class CompletionService:
     async def stream(self, prepared: Prepared) -> AsyncIterator[str]:
         """SSE `data:` lines, ending with `[DONE]`; an error mid-stream becomes an error event."""
         status = 500
+        self._metrics.in_flight.inc()
         try:
             first = self._ttft(prepared)
             async for chunk in _sse_chunks(prepared, self._merged(prepared), first):
                 yield chunk
             status = 200
+        except (asyncio.CancelledError, GeneratorExit):
+            status = 499  # the client went away; the engine request is aborted
+            raise
         except Exception as e:  # the status line is sent already: report in-band, then close
-            from server.http_errors import error_body
-
             yield f"data: {json.dumps(error_body(e)[1])}\n\n"
         finally:
             self._observe(prepared, status)
@@ -159,6 +163,7 @@ class CompletionService:
         return on_first_token
 
     def _observe(self, prepared: Prepared, status: int) -> None:
+        self._metrics.in_flight.dec()
         self._metrics.observe_request(
             model=prepared.target.served_as,
             endpoint=prepared.endpoint,

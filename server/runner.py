@@ -59,9 +59,21 @@ def run_server(settings: ServeSettings, *, model_dir: Path, console: Console) ->
             '[{"role": "user", "content": "What is the capital of France?"}]}\''
         )
 
+    failure: list[str] = []
+
+    def on_startup_error(reason: str) -> None:
+        failure.append(reason)
+        server.should_exit = True
+
     app = create_app(
         engine=engine, resolver=local, metrics=metrics, api_keys=settings.api_keys,
-        on_ready=on_ready,
+        on_ready=on_ready, on_startup_error=on_startup_error,
     )  # fmt: skip
+    config = uvicorn.Config(
+        app, host=settings.host, port=settings.port, log_level="warning", access_log=False
+    )
+    server = uvicorn.Server(config)
     console.print(f"Starting the engine on {model_dir} (about 20-40 s on a 2-core CPU)...")
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level="warning", access_log=False)
+    server.run()
+    if failure:
+        raise ServeError(f"startup failed: {failure[0]}")

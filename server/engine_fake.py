@@ -1,0 +1,127 @@
+"""A deterministic in-memory engine that honours the `Engine` protocol, for fast tests of the HTTP
+layer. It never replaces the real engine in the suite; it makes error paths and stream shapes cheap
+to test.
+
+Tokens are whitespace-separated words (id = position in a growing vocabulary). The answer to a
+prompt is a fixed sentence, prefixed with `[KEY]` when an adapter is used, truncated at
+`max_tokens` words or at the first stop string.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Sequence
+from typing import Any
+
+from server.engine import AdapterHandle, GenerationDelta, GenerationRequest, ModelInfo
+from server.errors import AdapterLoadError, EngineNotReadyError
+
+ANSWER = "the quick brown fox jumps over the lazy dog"
+
+
+class FakeEngine:
+    def __init__(
+        self,
+        *,
+        served_name: str = "fake",
+        max_model_len: int = 256,
+        token_delay: float = 0.0,
+        start_delay: float = 0.0,
+    ):
+        self._info = ModelInfo(
+            served_name=served_name,
+            path="fake://model",
+            max_model_len=max_model_len,
+            max_lora_rank=16,
+            max_loras=4,
+        )
+        self._token_delay = token_delay
+        self._start_delay = start_delay
+        self._ready = False
+        self._vocab: dict[str, int] = {}
+        self._words: list[str] = []
+        self._adapters: dict[int, AdapterHandle] = {}
+        self.requests: list[GenerationRequest] = []  # what was generated, for assertions
+
+    @property
+    def info(self) -> ModelInfo:
+        return self._info
+
+    @property
+    def ready(self) -> bool:
+        return self._ready
+
+    async def start(self) -> None:
+        await asyncio.sleep(self._start_delay)
+        self._ready = True
+
+    async def shutdown(self) -> None:
+        self._ready = False
+
+    async def check_health(self) -> None:
+        if not self._ready:
+            raise EngineNotReadyError()
+
+    def render_chat(
+        self,
+        messages: Sequence[dict[str, Any]],
+        *,
+        add_generation_prompt: bool = True,
+        continue_final_message: bool = False,
+        chat_template_kwargs: dict[str, Any] | None = None,
+    ) -> list[int]:
+        text = " ".join(f"<{m['role']}> {m['content']}" for m in messages)
+        return self.tokenize(text + (" <assistant>" if add_generation_prompt else ""))
+
+    def tokenize(self, text: str) -> list[int]:
+        ids = []
+        for word in text.split():
+            if word not in self._vocab:
+                self._vocab[word] = len(self._words)
+                self._words.append(word)
+            ids.append(self._vocab[word])
+        return ids
+
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationDelta]:
+        if not self._ready:
+            raise EngineNotReadyError()
+        self.requests.append(request)
+        words = ANSWER.split()
+        if request.adapter is not None:
+            words = [f"[{request.adapter.key}]", *words]
+        request.stats.prompt_tokens = len(request.prompt_token_ids)
+        for index in range(request.options.n):
+            async for delta in self._choice(index, words, request):
+                yield delta
+
+    async def _choice(
+        self, index: int, words: list[str], request: GenerationRequest
+    ) -> AsyncIterator[GenerationDelta]:
+        options = request.options
+        emitted = ""
+        for i, word in enumerate(words[: options.max_tokens]):
+            piece = word if i == 0 else f" {word}"
+            if any(stop in emitted + piece for stop in options.stop):
+                yield GenerationDelta(index=index, text="", token_ids=(), finish_reason="stop")
+                return
+            await asyncio.sleep(self._token_delay)
+            emitted += piece
+            request.stats.completion_tokens += 1
+            last = i == len(words) - 1 or i == options.max_tokens - 1
+            reason = None if not last else ("stop" if i == len(words) - 1 else "length")
+            yield GenerationDelta(
+                index=index, text=piece, token_ids=(self.tokenize(word)[0],), finish_reason=reason
+            )
+
+    async def add_adapter(self, adapter: AdapterHandle) -> None:
+        if adapter.path.startswith("bad"):
+            raise AdapterLoadError(
+                f"Adapter {adapter.key} could not be loaded", adapter=adapter.key
+            )
+        self._adapters[adapter.engine_id] = adapter
+
+    async def remove_adapter(self, adapter: AdapterHandle) -> None:
+        self._adapters.pop(adapter.engine_id, None)
+
+    async def loaded_adapters(self) -> set[int]:
+        return set(self._adapters)
