@@ -8,10 +8,11 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from server.settings import ServeSettings
 
-console = Console(stderr=True)
+console = Console(stderr=True, soft_wrap=True)
 model_app = typer.Typer(help="The base model: prepare the embedded default.", no_args_is_help=True)
 
 
@@ -30,7 +31,7 @@ def _prepare_model(home: Path) -> Path:
         with console.status("Preparing the embedded model (SmolLM2-135M-Instruct)...") as status:
             return prepare_embedded_model(home, progress=lambda m: status.update(m))
     except ModelPrepareError as e:
-        console.print(f"[red]error:[/red] {e}")
+        console.print(f"[red]error:[/red] {escape(str(e))}")
         raise typer.Exit(1) from e
 
 
@@ -84,5 +85,5 @@ def serve(
     try:
         run_server(settings, model_dir=model_dir, console=console)
     except ServeError as e:
-        console.print(f"[red]error:[/red] {e}")
+        console.print(f"[red]error:[/red] {escape(str(e))}")
         raise typer.Exit(2) from e

@@ -47,6 +47,8 @@ class VllmEngineSettings:
     kv_cache_gib: int = 1
     dtype: str = "bfloat16"
     seed: int = 0
+    # loraplex's CPU LoRA ops (server.vllm_patches); False runs vLLM's own, with its defects.
+    patch_lora_ops: bool = True
 
 
 def installed_backend() -> str:
@@ -66,8 +68,8 @@ def _configure_process_environment(settings: VllmEngineSettings) -> None:
         # looks for a `vllm` distribution and CUDA (see FACTS: the console script crashes).
         os.environ.setdefault("VLLM_TARGET_DEVICE", "cpu")
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(settings.kv_cache_gib))
-    os.environ["LORAPLEX_VLLM_PATCHES"] = "1"  # see server.vllm_patches
-    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+    os.environ["LORAPLEX_VLLM_PATCHES"] = "1" if settings.patch_lora_ops else "0"
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
 
 
 class VllmEngine:
