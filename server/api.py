@@ -78,7 +78,7 @@ async def chat_completions(req: ChatCompletionRequest, state: StateDep) -> Respo
     prepared = await _prepare(state, req)
     service = state.service
     if req.stream:
-        return _respond(prepared, service.stream(prepared), stream=True)
+        return _respond(prepared, await service.open_stream(prepared), stream=True)
     return _respond(prepared, await service.complete(prepared), stream=False)
 
 
@@ -87,7 +87,7 @@ async def completions(req: CompletionRequest, state: StateDep) -> Response:
     prepared = await _prepare(state, req)
     service = state.service
     if req.stream:
-        return _respond(prepared, service.stream(prepared), stream=True)
+        return _respond(prepared, await service.open_stream(prepared), stream=True)
     return _respond(prepared, await service.complete(prepared), stream=False)
 
 

@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 from server.engine import AdapterHandle, GenerationDelta, GenerationRequest, ModelInfo
-from server.errors import AdapterLoadError, EngineNotReadyError
+from server.errors import AdapterLoadError, EngineNotReadyError, OverloadedError
 
 ANSWER = "the quick brown fox jumps over the lazy dog"
 
@@ -27,6 +27,7 @@ class FakeEngine:
         max_model_len: int = 256,
         token_delay: float = 0.0,
         start_delay: float = 0.0,
+        max_in_flight: int | None = None,
     ):
         self._info = ModelInfo(
             served_name=served_name,
@@ -37,6 +38,8 @@ class FakeEngine:
         )
         self._token_delay = token_delay
         self._start_delay = start_delay
+        self._max_in_flight = max_in_flight
+        self._in_flight = 0
         self._ready = False
         self._vocab: dict[str, int] = {}
         self._words: list[str] = []
@@ -85,14 +88,20 @@ class FakeEngine:
     async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationDelta]:
         if not self._ready:
             raise EngineNotReadyError()
+        if self._max_in_flight is not None and self._in_flight >= self._max_in_flight:
+            raise OverloadedError("Too many requests in flight; retry later.")
         self.requests.append(request)
         words = ANSWER.split()
         if request.adapter is not None:
             words = [f"[{request.adapter.key}]", *words]
         request.stats.prompt_tokens = len(request.prompt_token_ids)
-        for index in range(request.options.n):
-            async for delta in self._choice(index, words, request):
-                yield delta
+        self._in_flight += 1
+        try:
+            for index in range(request.options.n):
+                async for delta in self._choice(index, words, request):
+                    yield delta
+        finally:
+            self._in_flight -= 1
 
     async def _choice(
         self, index: int, words: list[str], request: GenerationRequest

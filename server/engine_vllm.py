@@ -44,6 +44,7 @@ class VllmEngineSettings:
     max_lora_rank: int = 64
     max_cpu_loras: int = 16
     max_num_seqs: int = 32
+    max_queued_requests: int | None = None  # beyond this, requests get 429 (None: unbounded)
     kv_cache_gib: int = 1
     dtype: str = "bfloat16"
     seed: int = 0
@@ -121,6 +122,7 @@ class VllmEngine:
             dtype=s.dtype,
             max_model_len=s.max_model_len,
             max_num_seqs=s.max_num_seqs,
+            max_num_queued_reqs=s.max_queued_requests,
             enable_lora=True,
             max_loras=s.max_loras,
             max_lora_rank=s.max_lora_rank,

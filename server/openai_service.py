@@ -14,8 +14,8 @@ import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, replace
 
-from server.engine import Engine, GenerationRequest, SamplingOptions
-from server.errors import ContextLengthError, InvalidRequestError, error_body
+from server.engine import Engine, GenerationDelta, GenerationRequest, SamplingOptions
+from server.errors import ContextLengthError, InvalidRequestError, LoraplexError, error_body
 from server.metrics import ServerMetrics
 from server.protocol import ChatCompletionRequest, CompletionRequest
 from server.streams import Collected, Merged, collect, merge_streams, openai_logprobs
@@ -129,16 +129,35 @@ class CompletionService:
             collected = await collect(self._merged(prepared), on_first_token=self._ttft(prepared))
             status = 200
             return self._body(prepared, collected)
+        except LoraplexError as e:
+            status = error_body(e)[0]
+            raise
         finally:
             self._observe(prepared, status)
 
-    async def stream(self, prepared: Prepared) -> AsyncIterator[str]:
-        """SSE `data:` lines, ending with `[DONE]`; an error mid-stream becomes an error event."""
-        status = 500
+    async def open_stream(self, prepared: Prepared) -> AsyncIterator[str]:
+        """Start generating and wait for the first delta, so that a refusal (overload, bad
+        parameters) is still an HTTP status; then hand over the SSE lines."""
+        merged = self._merged(prepared)
         self._metrics.in_flight.inc()
         try:
-            first = self._ttft(prepared)
-            async for chunk in _sse_chunks(prepared, self._merged(prepared), first):
+            first = await anext(merged, None)
+        except LoraplexError as e:
+            self._observe(prepared, error_body(e)[0])
+            raise
+        except BaseException:
+            self._observe(prepared, 500)
+            raise
+        return self._stream(prepared, merged, first)
+
+    async def _stream(
+        self, prepared: Prepared, merged: Merged, first: tuple[int, GenerationDelta] | None
+    ) -> AsyncIterator[str]:
+        """SSE `data:` lines, ending with `[DONE]`; an error mid-stream becomes an error event."""
+        status = 500
+        try:
+            stream = _prepend(first, merged)
+            async for chunk in _sse_chunks(prepared, stream, self._ttft(prepared)):
                 yield chunk
             status = 200
         except (asyncio.CancelledError, GeneratorExit):
@@ -193,6 +212,13 @@ class CompletionService:
             "choices": choices,
             "usage": _usage(prepared),
         }
+
+
+async def _prepend(first: tuple[int, GenerationDelta] | None, rest: Merged) -> Merged:
+    if first is not None:
+        yield first
+        async for item in rest:
+            yield item
 
 
 def _chat_problems(req: ChatCompletionRequest) -> list[str]:

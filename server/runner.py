@@ -37,6 +37,7 @@ def run_server(settings: ServeSettings, *, model_dir: Path, console: Console) ->
             max_lora_rank=settings.max_lora_rank,
             max_cpu_loras=settings.max_cpu_loras,
             max_num_seqs=settings.max_num_seqs,
+            max_queued_requests=settings.max_queued_requests,
             kv_cache_gib=settings.kv_cache_gib,
         )
     )
@@ -50,7 +51,10 @@ def run_server(settings: ServeSettings, *, model_dir: Path, console: Console) ->
         raise ServeError(str(e)) from e
     url = f"http://{settings.host}:{settings.port}"
 
+    status = console.status(f"Starting the engine on {model_dir} (20-40 s on 2 CPU cores)...")
+
     def on_ready() -> None:
+        status.stop()
         names = ", ".join(local.model_names())
         console.print(f"[green]loraplex is serving[/green] {url}/v1  (models: {names})")
         console.print(
@@ -62,6 +66,7 @@ def run_server(settings: ServeSettings, *, model_dir: Path, console: Console) ->
     failure: list[str] = []
 
     def on_startup_error(reason: str) -> None:
+        status.stop()
         failure.append(reason)
         server.should_exit = True
 
@@ -73,7 +78,10 @@ def run_server(settings: ServeSettings, *, model_dir: Path, console: Console) ->
         app, host=settings.host, port=settings.port, log_level="warning", access_log=False
     )
     server = uvicorn.Server(config)
-    console.print(f"Starting the engine on {model_dir} (about 20-40 s on a 2-core CPU)...")
-    server.run()
+    status.start()
+    try:
+        server.run()
+    finally:
+        status.stop()
     if failure:
         raise ServeError(f"startup failed: {failure[0]}")

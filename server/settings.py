@@ -25,7 +25,8 @@ class ServeSettings(BaseSettings):
     max_lora_rank: int = Field(default=16, ge=1)
     max_cpu_loras: int = Field(default=16, ge=1)
     max_model_len: int = Field(default=2048, ge=64)
-    max_num_seqs: int = Field(default=32, ge=1)
+    max_num_seqs: int = Field(default=32, ge=1, description="sequences decoded per step")
+    max_queued_requests: int = Field(default=512, ge=1, description="beyond this: 429")
     kv_cache_gib: int = Field(default=2, ge=1, description="CPU KV cache size (GiB)")
     api_keys: list[str] = Field(default_factory=list, description="inference keys; empty: open")
 

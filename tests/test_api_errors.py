@@ -4,6 +4,8 @@ reported at once, auth, readiness, SSE framing. Fast: no model involved."""
 from __future__ import annotations
 
 import json
+import threading
+import time
 
 import httpx
 import openai
@@ -204,3 +206,19 @@ def test_metrics_count_requests_with_bounded_labels(fake_server):
     assert 'loraplex_requests_total{endpoint="chat",model="unknown",status="404"} 1.0' in text
     assert "user-made-up-name" not in text
     assert "loraplex_time_to_first_token_seconds_count" in text
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_overload_is_429_before_any_stream_starts(fake_server, stream):
+    server = fake_server(engine=FakeEngine(token_delay=0.3, max_in_flight=1))
+    body = {"model": "fake", "messages": [{"role": "user", "content": "x"}]}
+    busy = threading.Thread(
+        target=httpx.post, args=(f"{server.url}/v1/chat/completions",), kwargs={"json": body}
+    )
+    busy.start()
+    try:
+        time.sleep(0.15)
+        r = httpx.post(f"{server.url}/v1/chat/completions", json={**body, "stream": stream})
+        _assert_openai_error(r, 429, code="overloaded")
+    finally:
+        busy.join()
