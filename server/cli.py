@@ -60,13 +60,19 @@ def serve(
     adapter: Annotated[
         list[str] | None, typer.Option(help="NAME=PATH local LoRA folder (repeatable)")
     ] = None,
-    served_name: Annotated[str | None, typer.Option(help="the base model's name [smollm2]")] = None,
+    served_name: Annotated[str | None, typer.Option(help="the base model's name (default: smollm2)")] = None,
     max_loras: Annotated[int | None, typer.Option(help="adapters active in one batch [4]")] = None,
     max_lora_rank: Annotated[int | None, typer.Option(help="largest adapter rank [16]")] = None,
     max_model_len: Annotated[
         int | None, typer.Option(help="context window in tokens [2048]")
     ] = None,
     kv_cache_gib: Annotated[int | None, typer.Option(help="CPU KV cache size in GiB [2]")] = None,
+    max_num_seqs: Annotated[
+        int | None, typer.Option(help="sequences decoded per step [32]")
+    ] = None,
+    max_queued_requests: Annotated[
+        int | None, typer.Option(help="requests admitted before 429 [512]")
+    ] = None,
     api_key: Annotated[list[str] | None, typer.Option(help="inference key (repeatable)")] = None,
     home: Annotated[Path | None, typer.Option(help="data dir [~/.loraplex]")] = None,
 ) -> None:
@@ -75,6 +81,7 @@ def serve(
         "model": model, "host": host, "port": port, "adapters": adapter or None,
         "served_name": served_name, "max_loras": max_loras, "max_lora_rank": max_lora_rank,
         "max_model_len": max_model_len, "kv_cache_gib": kv_cache_gib,
+        "max_num_seqs": max_num_seqs, "max_queued_requests": max_queued_requests,
         "api_keys": api_key or None, "home": home,
     }  # fmt: skip
     settings = ServeSettings(**{k: v for k, v in flags.items() if v is not None})
