@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import typer
 
+from registry import cli as registry_cli
 from server import cli as server_cli
 
 app = typer.Typer(
@@ -13,6 +14,7 @@ app = typer.Typer(
 )
 app.command("serve")(server_cli.serve)
 app.add_typer(server_cli.model_app, name="model")
+app.add_typer(registry_cli.app, name="registry")
 
 
 def main() -> None:

@@ -1,0 +1,94 @@
+"""The registry's exceptions: domain code raises these, the CLI (and later the HTTP layer) maps them.
+
+RegistryError
+├── RegistryUserError                  the request cannot be honoured as asked (CLI exit 2)
+│   ├── InvalidReferenceError          a malformed name, alias or NAME@VERSION|ALIAS
+│   ├── AdapterRejectedError           validation found problems (.problems lists every one)
+│   ├── NotFoundError
+│   │   ├── AdapterNotFoundError       no adapter of that name
+│   │   ├── VersionNotFoundError       the adapter has no such version
+│   │   └── AliasNotFoundError         the adapter has no such alias
+│   ├── NothingToRollBackError         the alias has no earlier version to return to
+│   └── UnknownArtifactSchemeError     an artifact store URL with a scheme nobody handles
+├── ArtifactError                      moving adapter archives (CLI exit 1)
+│   ├── ArtifactNotFoundError          the store has no archive for that sha256
+│   ├── ArtifactIntegrityError         bytes do not match their sha256, or an unsafe archive
+│   └── ArtifactStoreError             the store itself failed (I/O, S3, missing bucket)
+├── RegistryDatabaseError              the metadata database cannot be opened or migrated
+└── ImmutableRecordError               code tried to change a version or an alias event
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+
+class RegistryError(Exception):
+    """Base of every error the registry raises on purpose."""
+
+
+class RegistryUserError(RegistryError):
+    """The caller asked for something that cannot be done; retrying as-is will not help."""
+
+
+class InvalidReferenceError(RegistryUserError):
+    """A name, alias or reference does not follow the rules."""
+
+
+class AdapterRejectedError(RegistryUserError):
+    """The adapter folder failed validation; nothing was stored."""
+
+    def __init__(self, name: str, problems: Sequence[str]) -> None:
+        self.name = name
+        self.problems = list(problems)
+        count = len(self.problems)
+        noun = "problem" if count == 1 else "problems"
+        super().__init__(f"{name} rejected ({count} {noun}): " + "; ".join(self.problems))
+
+
+class NotFoundError(RegistryUserError):
+    """What was asked for does not exist; the message says what does."""
+
+
+class AdapterNotFoundError(NotFoundError):
+    pass
+
+
+class VersionNotFoundError(NotFoundError):
+    pass
+
+
+class AliasNotFoundError(NotFoundError):
+    pass
+
+
+class NothingToRollBackError(RegistryUserError):
+    pass
+
+
+class UnknownArtifactSchemeError(RegistryUserError):
+    pass
+
+
+class ArtifactError(RegistryError):
+    """Storing or fetching an adapter archive failed."""
+
+
+class ArtifactNotFoundError(ArtifactError):
+    pass
+
+
+class ArtifactIntegrityError(ArtifactError):
+    pass
+
+
+class ArtifactStoreError(ArtifactError):
+    pass
+
+
+class RegistryDatabaseError(RegistryError):
+    pass
+
+
+class ImmutableRecordError(RegistryError):
+    """Versions and alias events are written once; a change is a bug in the caller."""

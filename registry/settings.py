@@ -1,0 +1,38 @@
+"""Runtime settings of the registry: flags, else `LORAPLEX_*` environment variables, else defaults.
+
+Built once by the CLI (or the server's app factory, or a test) and passed down; nothing below
+reads the environment. Defaults need no service: SQLite and a folder under the data dir.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class RegistrySettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="LORAPLEX_", extra="ignore")
+
+    home: Path = Field(default=Path("~/.loraplex"), description="data dir")
+    registry: str | None = Field(
+        default=None, description="database URL; default sqlite:///<home>/registry.db"
+    )
+    artifacts: str | None = Field(
+        default=None, description="artifact store URL; default file://<home>/artifacts"
+    )
+    max_lora_rank: int = Field(default=16, ge=1, description="largest rank accepted")
+    base_model: str = Field(
+        default="smollm2",
+        description="base model identity recorded when an adapter's config names none",
+    )
+
+    def data_dir(self) -> Path:
+        return self.home.expanduser()
+
+    def database_url(self) -> str:
+        return self.registry or f"sqlite:///{self.data_dir() / 'registry.db'}"
+
+    def artifacts_url(self) -> str:
+        return self.artifacts or (self.data_dir() / "artifacts").resolve().as_uri()

@@ -1,0 +1,242 @@
+"""Fixtures of the registry tests: real SQLite and PostgreSQL, a real S3 API over HTTP (moto's
+server), and small synthetic PEFT adapter folders.
+
+PostgreSQL comes from LORAPLEX_TEST_POSTGRES_URL (a role that may CREATE DATABASE) or, where the
+server binaries exist, a throwaway cluster started for the session. Without either, postgres
+tests skip locally and fail under CI=true, so CI never passes without having run them.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import pytest
+from safetensors.numpy import save_file
+from sqlalchemy.engine import make_url
+
+from registry.service import Registry
+from registry.settings import RegistrySettings
+
+LAYER = "base_model.model.model.layers.0.self_attn"
+BASE_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
+
+
+# --- PostgreSQL ------------------------------------------------------------------------------
+
+
+def _postgres_bindir() -> Path | None:
+    for initdb in sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"), reverse=True):
+        if Path(initdb).with_name("pg_ctl").exists():
+            return Path(initdb).parent
+    found = shutil.which("initdb")
+    return Path(found).parent if found and shutil.which("pg_ctl") else None
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class _Cluster:
+    """initdb + pg_ctl on a temp folder; as root, run as the `postgres` user (the server refuses
+    to run as root)."""
+
+    def __init__(self, bindir: Path) -> None:
+        self.bindir = bindir
+        self.as_root = os.geteuid() == 0
+        self.root = Path(tempfile.mkdtemp(prefix="loraplex-pg-"))
+        self.data, self.log, self.port = self.root / "data", self.root / "log", _free_port()
+        self.started = False
+        if self.as_root:
+            shutil.chown(self.root, user="postgres", group="postgres")
+
+    def run(self, tool: str, *args: str) -> None:
+        prefix = ["runuser", "-u", "postgres", "--"] if self.as_root else []
+        try:
+            command = [*prefix, str(self.bindir / tool), "-D", str(self.data), *args]
+            subprocess.run(command, check=True, capture_output=True, timeout=120)
+        except subprocess.CalledProcessError as e:
+            log = self.log.read_text()[-2000:] if self.log.exists() else ""
+            raise RuntimeError(f"throwaway PostgreSQL: {tool} failed: {e.stderr!r} {log}") from e
+
+    def start(self) -> str:
+        self.run("initdb", "-U", "postgres", "-A", "trust", "-E", "UTF8", "--no-sync")
+        options = (
+            f"-c listen_addresses=127.0.0.1 -p {self.port} -c unix_socket_directories={self.root}"
+            " -c fsync=off -c synchronous_commit=off -c full_page_writes=off"
+            " -c max_connections=200"
+        )
+        self.run("pg_ctl", "-l", str(self.log), "-o", options, "-w", "-t", "60", "start")
+        self.started = True
+        return f"postgresql+psycopg://postgres@127.0.0.1:{self.port}/postgres"
+
+    def stop(self) -> None:
+        self.run("pg_ctl", "-m", "immediate", "-w", "stop")
+
+
+@contextmanager
+def throwaway_postgres(bindir: Path) -> Iterator[str]:
+    """A fresh cluster on 127.0.0.1 and a free port, stopped and deleted afterwards."""
+    cluster = _Cluster(bindir)
+    try:
+        yield cluster.start()
+    finally:
+        if cluster.started:
+            cluster.stop()
+        shutil.rmtree(cluster.root, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[str]:
+    """A PostgreSQL URL whose role may create databases."""
+    if url := os.environ.get("LORAPLEX_TEST_POSTGRES_URL"):
+        yield url
+        return
+    bindir = _postgres_bindir()
+    if bindir is None:
+        message = (
+            "PostgreSQL tests need LORAPLEX_TEST_POSTGRES_URL or the server binaries "
+            "(apt-get install postgresql)"
+        )
+        if os.environ.get("CI", "").lower() in {"1", "true", "yes"}:
+            pytest.fail(message)
+        pytest.skip(message)
+    with throwaway_postgres(bindir) as url:
+        yield url
+
+
+def _admin_dsn(url: str) -> str:
+    return make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
+
+
+@pytest.fixture
+def postgres_url(postgres_server: str) -> Iterator[str]:
+    """A fresh, empty database on the session's server, dropped afterwards."""
+    import psycopg
+
+    name = f"loraplex_test_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(_admin_dsn(postgres_server), autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    yield make_url(postgres_server).set(database=name).render_as_string(hide_password=False)
+    with psycopg.connect(_admin_dsn(postgres_server), autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A fresh registry database on each backend."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'registry.db'}"
+    return request.getfixturevalue("postgres_url")
+
+
+# --- S3 (moto's server over HTTP) -----------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint() -> Iterator[str]:
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    yield f"http://{host}:{port}"
+    server.stop()
+
+
+@pytest.fixture
+def s3_url(s3_endpoint: str, monkeypatch: pytest.MonkeyPatch) -> str:
+    """`s3://BUCKET/adapters` on a new bucket; boto3 finds moto through AWS_ENDPOINT_URL."""
+    import boto3
+
+    for key, value in {
+        "AWS_ENDPOINT_URL": s3_endpoint,
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }.items():
+        monkeypatch.setenv(key, value)
+    bucket = f"loraplex-{uuid.uuid4().hex[:12]}"
+    boto3.client("s3").create_bucket(Bucket=bucket)
+    return f"s3://{bucket}/adapters"
+
+
+# --- adapters and registries -----------------------------------------------------------------
+
+
+def write_adapter(
+    folder: Path,
+    *,
+    rank: int = 8,
+    base_model: str | None = BASE_MODEL,
+    seed: int = 0,
+    config: dict | None = None,
+) -> Path:
+    """A small PEFT LoRA folder (q_proj, v_proj); `seed` changes the weights, so the sha256."""
+    folder.mkdir(parents=True, exist_ok=True)
+    cfg = {
+        "peft_type": "LORA",
+        "r": rank,
+        "lora_alpha": 2 * rank,
+        "target_modules": ["q_proj", "v_proj"],
+    }
+    if base_model is not None:
+        cfg["base_model_name_or_path"] = base_model
+    cfg.update(config or {})
+    (folder / "adapter_config.json").write_text(json.dumps(cfg, sort_keys=True))
+    rng = np.random.default_rng(seed)
+    tensors = {}
+    for module in ("q_proj", "v_proj"):
+        tensors[f"{LAYER}.{module}.lora_A.weight"] = rng.standard_normal((rank, 64), np.float32)
+        tensors[f"{LAYER}.{module}.lora_B.weight"] = np.zeros((64, rank), np.float32)
+    save_file(tensors, str(folder / "adapter_model.safetensors"))
+    return folder
+
+
+@pytest.fixture
+def make_adapter(tmp_path: Path) -> Callable[..., Path]:
+    counter = iter(range(1_000_000))
+
+    def make(name: str | None = None, **kwargs: object) -> Path:
+        index = next(counter)
+        kwargs.setdefault("seed", index)
+        return write_adapter(tmp_path / "adapters" / (name or f"a{index}"), **kwargs)  # type: ignore[arg-type]
+
+    return make
+
+
+@pytest.fixture
+def settings(tmp_path: Path, database_url: str, artifacts_root: Path) -> RegistrySettings:
+    return RegistrySettings(
+        home=tmp_path / "home", registry=database_url, artifacts=artifacts_root.as_uri()
+    )
+
+
+@pytest.fixture
+def registry(settings: RegistrySettings) -> Iterator[Registry]:
+    with Registry.open(settings) as opened:
+        yield opened
+
+
+@pytest.fixture
+def artifacts_root(tmp_path: Path) -> Path:
+    """The folder behind the `settings` fixture's file:// artifact store."""
+    return tmp_path / "artifacts"
+
+
+@pytest.fixture
+def list_archives() -> Callable[[Path], list[Path]]:
+    """Archives in a file:// store, temporary upload files excluded."""
+    return lambda root: sorted(p for p in root.rglob("*.tar") if not p.name.startswith("."))
