@@ -119,7 +119,10 @@ async def ready(state: StateDep) -> JSONResponse:
     problem = await state.readiness_problem()
     if problem:
         return JSONResponse({"status": "not ready", "reason": problem}, status_code=503)
-    return JSONResponse({"status": "ready", "model": state.engine.info.served_name})
+    body = {"status": "ready", "model": state.engine.info.served_name}
+    if degraded := state.degraded():
+        body.update(status="degraded", reason=degraded)
+    return JSONResponse(body)
 
 
 @router.get("/metrics")

@@ -14,6 +14,8 @@ from fastapi import FastAPI
 from prometheus_client import CollectorRegistry
 
 from loraplex import __version__
+from registry.service import Registry
+from server.admin import router as admin_router
 from server.api import router
 from server.engine import Engine
 from server.http_errors import install_error_handlers
@@ -34,6 +36,8 @@ def create_app(
     manage_engine: bool = True,
     on_ready: Callable[[], None] | None = None,
     on_startup_error: Callable[[str], None] | None = None,
+    registry: Registry | None = None,
+    admin_key: str | None = None,
 ) -> FastAPI:
     """Build the app. With `manage_engine`, startup starts the engine and preloads adapters and
     shutdown stops it; without, the caller owns the engine's lifetime (a shared test engine)."""
@@ -72,11 +76,15 @@ def create_app(
             yield
         finally:
             task.cancel()
+            await resolver.close()
             if manage_engine:
                 await engine.shutdown()
 
     app = FastAPI(title="loraplex", version=__version__, lifespan=lifespan)
     app.state.loraplex = state
+    app.state.loraplex_registry = registry
+    app.state.loraplex_admin_key = admin_key
     install_error_handlers(app)
     app.include_router(router)
+    app.include_router(admin_router)
     return app

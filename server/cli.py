@@ -60,7 +60,9 @@ def serve(
     adapter: Annotated[
         list[str] | None, typer.Option(help="NAME=PATH local LoRA folder (repeatable)")
     ] = None,
-    served_name: Annotated[str | None, typer.Option(help="the base model's name (default: smollm2)")] = None,
+    served_name: Annotated[
+        str | None, typer.Option(help="the base model's name (default: smollm2)")
+    ] = None,
     max_loras: Annotated[int | None, typer.Option(help="adapters active in one batch [4]")] = None,
     max_lora_rank: Annotated[int | None, typer.Option(help="largest adapter rank [16]")] = None,
     max_model_len: Annotated[

@@ -6,6 +6,7 @@
     │   └── ContextLengthError     400  prompt + max_tokens does not fit the context window
     ├── ModelNotFoundError         404  `model` names nothing servable
     ├── OverloadedError            429  too much queued; retry later
+    ├── AdapterUnavailableError    503  an adapter version cannot be fetched right now (store down)
     ├── AdapterLoadError           500  an adapter's files were rejected when loading (engine unharmed)
     └── EngineError                500  the engine failed for a reason that is not the client's
         └── EngineNotReadyError    503  starting, stopping or dead
@@ -50,6 +51,14 @@ class AdapterLoadError(LoraplexError):
         self.adapter = adapter
 
 
+class AdapterUnavailableError(LoraplexError):
+    """An adapter version is neither cached here nor obtainable now; retrying later may work."""
+
+    def __init__(self, message: str, *, adapter: str):
+        super().__init__(message, code="adapter_unavailable")
+        self.adapter = adapter
+
+
 class EngineError(LoraplexError):
     """The engine failed for a reason that is not the client's fault."""
 
@@ -72,6 +81,7 @@ _STATUS: tuple[tuple[type[LoraplexError], int, str], ...] = (
     (ModelNotFoundError, 404, "invalid_request_error"),
     (OverloadedError, 429, "rate_limit_error"),
     (EngineNotReadyError, 503, "service_unavailable_error"),
+    (AdapterUnavailableError, 503, "service_unavailable_error"),
     (AdapterLoadError, 500, "server_error"),
     (LoraplexError, 500, "server_error"),
 )

@@ -59,6 +59,30 @@ class ServerMetrics:
             ["adapter"],
             registry=registry,
         )
+        self.adapter_cache = Counter(
+            "loraplex_adapter_cache_lookups_total",
+            "Adapter artifact lookups in the local disk cache.",
+            ["adapter", "result"],  # result: hit | miss
+            registry=registry,
+        )
+        self.adapter_cache_evictions = Counter(
+            "loraplex_adapter_cache_evictions_total",
+            "Adapter artifacts evicted from the local disk cache.",
+            registry=registry,
+        )
+        self.adapters_loaded = Gauge(
+            "loraplex_adapters_loaded", "Adapter versions loaded in the engine.", registry=registry
+        )
+        self.registry_revision = Gauge(
+            "loraplex_registry_revision",
+            "Registry revision the routing table reflects.",
+            registry=registry,
+        )
+        self.registry_poll_errors = Counter(
+            "loraplex_registry_poll_errors_total",
+            "Failed reads of the registry's routing table.",
+            registry=registry,
+        )
         self.engine_ready = Gauge(
             "loraplex_engine_ready", "1 when the engine can serve.", registry=registry
         )

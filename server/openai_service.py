@@ -49,6 +49,13 @@ class CompletionService:
         if problems:
             raise InvalidRequestError("; ".join(problems), param="messages")
         target = await self._resolver.resolve(req.model)
+        try:
+            return self._prepare_chat(req, target, started)
+        except BaseException:
+            target.done()
+            raise
+
+    def _prepare_chat(self, req: ChatCompletionRequest, target: Target, started: float) -> Prepared:
         messages = [{"role": m.role, "content": m.text()} for m in req.messages]
         prompt = self._engine.render_chat(
             messages,
@@ -76,6 +83,15 @@ class CompletionService:
     async def prepare_completion(self, req: CompletionRequest) -> Prepared:
         started = time.perf_counter()
         target = await self._resolver.resolve(req.model)
+        try:
+            return self._prepare_completion(req, target, started)
+        except BaseException:
+            target.done()
+            raise
+
+    def _prepare_completion(
+        self, req: CompletionRequest, target: Target, started: float
+    ) -> Prepared:
         prompts = [p if isinstance(p, list) else self._engine.tokenize(p) for p in req.prompts()]
         if any(len(p) == 0 for p in prompts):
             raise InvalidRequestError("prompt must not be empty", param="prompt")
@@ -182,6 +198,8 @@ class CompletionService:
         return on_first_token
 
     def _observe(self, prepared: Prepared, status: int) -> None:
+        """Once per request, when it ends: metrics, and the adapter lease is returned."""
+        prepared.target.done()
         self._metrics.in_flight.dec()
         self._metrics.observe_request(
             model=prepared.target.served_as,

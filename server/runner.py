@@ -1,4 +1,4 @@
-"""Running the real server: settings -> vLLM engine, local adapters, app, uvicorn."""
+"""Running the real server: settings -> vLLM engine, registry, adapters, app, uvicorn."""
 
 from __future__ import annotations
 
@@ -14,21 +14,10 @@ class ServeError(Exception):
     """The server cannot start with these settings; the message says why."""
 
 
-def run_server(settings: ServeSettings, *, model_dir: Path, console: Console) -> None:
-    import uvicorn
-
-    from server.app import create_app
+def build_engine(settings: ServeSettings, *, model_dir: Path):
     from server.engine_vllm import VllmEngine, VllmEngineSettings
-    from server.metrics import ServerMetrics
-    from server.targets import LocalAdapters, parse_adapter_option
 
-    if not (model_dir / "config.json").is_file():
-        raise ServeError(f"{model_dir} is not a Hugging Face model folder (no config.json)")
-    try:
-        adapters = dict(parse_adapter_option(a) for a in settings.adapters)
-    except ValueError as e:
-        raise ServeError(f"--adapter: {e}") from e
-    engine = VllmEngine(
+    return VllmEngine(
         VllmEngineSettings(
             model_path=str(model_dir),
             served_name=settings.served_name,
@@ -41,7 +30,22 @@ def run_server(settings: ServeSettings, *, model_dir: Path, console: Console) ->
             kv_cache_gib=settings.kv_cache_gib,
         )
     )
-    metrics = ServerMetrics(CollectorRegistry())
+
+
+def build_resolver(settings: ServeSettings, *, engine, metrics):
+    """Local adapter folders plus the registry, validated before the engine starts."""
+    from registry.errors import RegistryError
+    from registry.service import Registry
+    from registry.settings import RegistrySettings
+    from server.adapter_cache import AdapterDiskCache
+    from server.adapter_loader import AdapterLoader
+    from server.registry_resolver import RegistryResolver
+    from server.targets import LocalAdapters, parse_adapter_option
+
+    try:
+        adapters = dict(parse_adapter_option(a) for a in settings.adapters)
+    except ValueError as e:
+        raise ServeError(f"--adapter: {e}") from e
     try:
         local = LocalAdapters(
             engine, base_name=settings.served_name, adapters=adapters, metrics=metrics
@@ -49,21 +53,57 @@ def run_server(settings: ServeSettings, *, model_dir: Path, console: Console) ->
         local.validate(max_rank=settings.max_lora_rank)
     except ValueError as e:
         raise ServeError(str(e)) from e
-    url = f"http://{settings.host}:{settings.port}"
+    registry_settings = RegistrySettings(
+        home=settings.home,
+        registry=settings.registry,
+        artifacts=settings.artifacts,
+        max_lora_rank=settings.max_lora_rank,
+    )
+    try:
+        registry = Registry.open(registry_settings)
+    except RegistryError as e:
+        raise ServeError(f"cannot open the registry: {e}") from e
+    cache = AdapterDiskCache(
+        settings.data_dir() / "cache" / "adapters",
+        artifacts=registry.artifacts,
+        max_bytes=int(settings.adapter_cache_gib * 1024**3),
+        metrics=metrics,
+    )
+    loader = AdapterLoader(
+        engine, cache, metrics=metrics, max_loaded=settings.max_cpu_loras,
+        max_rank=settings.max_lora_rank, first_id=len(adapters) + 1,
+    )  # fmt: skip
+    resolver = RegistryResolver(
+        registry.store, loader, local=local, metrics=metrics,
+        poll_seconds=settings.registry_poll_seconds,
+    )  # fmt: skip
+    return resolver, registry
 
+
+def run_server(settings: ServeSettings, *, model_dir: Path, console: Console) -> None:
+    import uvicorn
+
+    from server.app import create_app
+    from server.metrics import ServerMetrics
+
+    if not (model_dir / "config.json").is_file():
+        raise ServeError(f"{model_dir} is not a Hugging Face model folder (no config.json)")
+    engine = build_engine(settings, model_dir=model_dir)
+    metrics = ServerMetrics(CollectorRegistry())
+    resolver, registry = build_resolver(settings, engine=engine, metrics=metrics)
+    url = f"http://{settings.host}:{settings.port}"
     status = console.status(f"Starting the engine on {model_dir} (20-40 s on 2 CPU cores)...")
+    failure: list[str] = []
 
     def on_ready() -> None:
         status.stop()
-        names = ", ".join(local.model_names())
-        console.print(f"[green]loraplex is serving[/green] {url}/v1  (models: {names})")
+        console.print(f"[green]loraplex is serving[/green] {url}/v1")
+        console.print(f"  models: {', '.join(resolver.model_names())}")
         console.print(
             f"  try: curl {url}/v1/chat/completions -H 'Content-Type: application/json' "
             f'-d \'{{"model": "{settings.served_name}", "messages": '
             '[{"role": "user", "content": "What is the capital of France?"}]}\''
         )
-
-    failure: list[str] = []
 
     def on_startup_error(reason: str) -> None:
         status.stop()
@@ -71,7 +111,8 @@ def run_server(settings: ServeSettings, *, model_dir: Path, console: Console) ->
         server.should_exit = True
 
     app = create_app(
-        engine=engine, resolver=local, metrics=metrics, api_keys=settings.api_keys,
+        engine=engine, resolver=resolver, metrics=metrics, api_keys=settings.api_keys,
+        registry=registry, admin_key=settings.admin_key,
         on_ready=on_ready, on_startup_error=on_startup_error,
     )  # fmt: skip
     config = uvicorn.Config(
@@ -83,5 +124,6 @@ def run_server(settings: ServeSettings, *, model_dir: Path, console: Console) ->
         server.run()
     finally:
         status.stop()
+        registry.close()
     if failure:
         raise ServeError(f"startup failed: {failure[0]}")

@@ -29,6 +29,11 @@ class ServeSettings(BaseSettings):
     max_queued_requests: int = Field(default=512, ge=1, description="beyond this: 429")
     kv_cache_gib: int = Field(default=2, ge=1, description="CPU KV cache size (GiB)")
     api_keys: list[str] = Field(default_factory=list, description="inference keys; empty: open")
+    admin_key: str | None = Field(default=None, description="key for /admin/; unset: disabled")
+    registry: str | None = Field(default=None, description="DB URL; default sqlite in home")
+    artifacts: str | None = Field(default=None, description="artifact store URL; default in home")
+    adapter_cache_gib: float = Field(default=4.0, gt=0, description="local adapter disk cache")
+    registry_poll_seconds: float = Field(default=1.0, gt=0, description="routing refresh period")
 
     def data_dir(self) -> Path:
         return self.home.expanduser()

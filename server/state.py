@@ -33,3 +33,7 @@ class AppState:
         except EngineNotReadyError as e:
             return e.message
         return None
+
+    def degraded(self) -> str | None:
+        """Serving, but with a problem an operator should see (e.g. a stale routing table)."""
+        return self.resolver.degraded

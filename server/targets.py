@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -26,6 +27,11 @@ log = logging.getLogger(__name__)
 class Target:
     served_as: str  # what the response's `model` field says
     adapter: AdapterHandle | None
+    release: Callable[[], None] | None = None  # ends the request's lease on the adapter
+
+    def done(self) -> None:
+        if self.release is not None:
+            self.release()
 
 
 class ModelResolver(Protocol):
@@ -36,6 +42,12 @@ class ModelResolver(Protocol):
 
     async def preload(self) -> None:
         """Load what must be loaded before the server reports ready."""
+
+    async def close(self) -> None: ...
+
+    @property
+    def degraded(self) -> str | None:
+        """Why routing may be stale (e.g. registry unreachable); None when all is well."""
 
 
 def parse_adapter_option(value: str) -> tuple[str, Path]:
@@ -97,3 +109,10 @@ class LocalAdapters:
 
     def model_names(self) -> list[str]:
         return [self._base.served_as, *self._handles]
+
+    async def close(self) -> None:
+        pass
+
+    @property
+    def degraded(self) -> str | None:
+        return None

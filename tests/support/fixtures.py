@@ -12,36 +12,48 @@ from prometheus_client import CollectorRegistry
 from server.app import create_app
 from server.engine_fake import FakeEngine
 from server.metrics import ServerMetrics
+from server.settings import ServeSettings
 from server.targets import LocalAdapters
 from tests.support.servers import ServerThread
 
 BASE_NAME = "smollm2"
+ADMIN_KEY = "test-admin-key"
 
 
 @pytest.fixture(scope="session")
-def real_server(embedded_model_dir: Path, test_adapters: dict[str, Path]) -> Iterator[ServerThread]:
-    """loraplex on the real engine and embedded model, with the test adapters preloaded."""
-    from server.engine_vllm import VllmEngine, VllmEngineSettings
+def real_server(
+    embedded_model_dir: Path, test_adapters: dict[str, Path], tmp_path_factory
+) -> Iterator[ServerThread]:
+    """loraplex on the real engine and embedded model, wired as `loraplex serve` wires it: the
+    test adapters as local folders, plus an (initially empty) registry of its own."""
+    from server.runner import build_engine, build_resolver
 
-    engine = VllmEngine(
-        VllmEngineSettings(
-            model_path=str(embedded_model_dir),
-            served_name=BASE_NAME,
-            max_model_len=1024,
-            max_loras=4,
-            max_lora_rank=16,
-            max_num_seqs=16,
-            kv_cache_gib=1,  # small: the suite shares 2 cores and this one engine
-        )
+    home = tmp_path_factory.mktemp("loraplex-home")
+    settings = ServeSettings(
+        home=home,
+        served_name=BASE_NAME,
+        adapters=[f"{name}={path}" for name, path in sorted(test_adapters.items())],
+        max_model_len=1024,
+        max_loras=4,
+        max_lora_rank=16,
+        max_num_seqs=16,
+        kv_cache_gib=1,  # small: the suite shares 2 cores and this one engine
+        registry_poll_seconds=0.5,
+        admin_key=ADMIN_KEY,
     )
+    engine = build_engine(settings, model_dir=embedded_model_dir)
     metrics = ServerMetrics(CollectorRegistry())
-    local = LocalAdapters(engine, base_name=BASE_NAME, adapters=test_adapters, metrics=metrics)
-    local.validate(max_rank=16)
-    server = ServerThread(create_app(engine=engine, resolver=local, metrics=metrics))
+    resolver, registry = build_resolver(settings, engine=engine, metrics=metrics)
+    app = create_app(
+        engine=engine, resolver=resolver, metrics=metrics, registry=registry, admin_key=ADMIN_KEY
+    )
+    server = ServerThread(app)
+    server.registry = registry
     server.start()
     server.wait_ready(timeout=900)
     yield server
     server.stop()
+    registry.close()
 
 
 @pytest.fixture(scope="session")
