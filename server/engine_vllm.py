@@ -9,6 +9,7 @@ into vLLM's `SamplingParams`/`LoRARequest`, and vLLM's outputs and exceptions in
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import importlib.metadata
 import logging
 import os
@@ -135,6 +136,13 @@ class VllmEngine:
     async def shutdown(self) -> None:
         if self._llm is not None:
             llm, self._llm = self._llm, None
+            # Stop reading outputs before the engine core goes away, or the reader logs the
+            # core's exit as a failure.
+            handler = getattr(llm, "output_handler", None)
+            if handler is not None:
+                handler.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await handler
             await asyncio.to_thread(llm.shutdown)
 
     async def check_health(self) -> None:

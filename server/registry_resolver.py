@@ -15,7 +15,12 @@ import asyncio
 import logging
 from collections.abc import Callable
 
-from registry.errors import InvalidReferenceError, NotFoundError, RegistryError
+from registry.errors import (
+    AdapterNotFoundError,
+    InvalidReferenceError,
+    NotFoundError,
+    RegistryError,
+)
 from registry.records import RoutingSnapshot, VersionRecord
 from registry.refs import DEFAULT_ALIAS, parse_ref
 from registry.store import RegistryStore
@@ -123,40 +128,25 @@ class RegistryResolver:
             raise ModelNotFoundError(f"{e}. {self._available()}") from e
         snapshot = self._snapshot
         assert snapshot is not None  # preload() succeeded
+        number = ref.version
         if ref.alias is not None:
             number = snapshot.find_alias(ref.name, ref.alias)
-            if number is None:
-                raise ModelNotFoundError(self._missing_alias(snapshot, ref.name, ref.alias))
-        else:
-            number = ref.version
-            latest = snapshot.latest.get(ref.name)
-            if latest is None or number > latest:
-                raise ModelNotFoundError(self._missing_version(snapshot, ref.name, number))
         try:
-            return await self._record(ref.name, number)
-        except NotFoundError as e:
-            raise ModelNotFoundError(str(e)) from e
+            if number is not None:
+                return await self._record(ref.name, number)
+            # Not in the routing table (yet): the registry itself has the last word, so a name
+            # registered or promoted since the last poll is not refused.
+            record = await asyncio.to_thread(self._store.resolve, ref)
+            self._records.setdefault(record.ref, record)
+            return record
+        except AdapterNotFoundError as e:
+            raise ModelNotFoundError(
+                f"The model {model!r} does not exist. {self._available()}"
+            ) from e
+        except NotFoundError as e:  # the registry's message says what exists and how to promote
+            raise ModelNotFoundError(f"{e}.") from e
         except RegistryError as e:
-            raise AdapterUnavailableError(str(e), adapter=f"{ref.name}@{number}") from e
-
-    def _missing_alias(self, snapshot: RoutingSnapshot, name: str, alias: str) -> str:
-        latest = snapshot.latest.get(name)
-        if latest is None:
-            return f"The model {name!r} does not exist. {self._available()}"
-        aliases = sorted(a for (n, a) in snapshot.aliases if n == name)
-        has = f"its aliases: {', '.join(aliases)}" if aliases else "it has no aliases yet"
-        what = "is not promoted" if alias == DEFAULT_ALIAS else f"has no alias {alias!r}"
-        return (
-            f"The adapter {name!r} {what} ({has}; versions 1-{latest}). Call a version "
-            f"directly ({name}@{latest}) or promote one: "
-            f"loraplex registry promote {name} {latest} --alias {alias}"
-        )
-
-    def _missing_version(self, snapshot: RoutingSnapshot, name: str, number: int) -> str:
-        latest = snapshot.latest.get(name)
-        if latest is None:
-            return f"The model {name!r} does not exist. {self._available()}"
-        return f"The adapter {name!r} has no version {number}; it has versions 1-{latest}."
+            raise AdapterUnavailableError(str(e), adapter=model) from e
 
     def _available(self) -> str:
         return f"Available: {', '.join(self.model_names())}."

@@ -28,6 +28,7 @@ def build_engine(settings: ServeSettings, *, model_dir: Path):
             max_num_seqs=settings.max_num_seqs,
             max_queued_requests=settings.max_queued_requests,
             kv_cache_gib=settings.kv_cache_gib,
+            patch_lora_ops=settings.lora_ops == "loraplex",
         )
     )
 

@@ -5,6 +5,7 @@ defaults. Built once by the CLI (or a test) and passed down; nothing below reads
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -28,6 +29,9 @@ class ServeSettings(BaseSettings):
     max_num_seqs: int = Field(default=32, ge=1, description="sequences decoded per step")
     max_queued_requests: int = Field(default=512, ge=1, description="beyond this: 429")
     kv_cache_gib: int = Field(default=2, ge=1, description="CPU KV cache size (GiB)")
+    lora_ops: Literal["loraplex", "vllm"] = Field(
+        default="loraplex", description="CPU LoRA ops: loraplex's (isolated) or vLLM's own"
+    )
     api_keys: list[str] = Field(default_factory=list, description="inference keys; empty: open")
     admin_key: str | None = Field(default=None, description="key for /admin/; unset: disabled")
     registry: str | None = Field(default=None, description="DB URL; default sqlite in home")
