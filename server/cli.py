@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from pydantic import ValidationError
 from rich.console import Console
 from rich.markup import escape
 
@@ -76,6 +77,15 @@ def serve(
         int | None, typer.Option(help="requests admitted before 429 [512]")
     ] = None,
     api_key: Annotated[list[str] | None, typer.Option(help="inference key (repeatable)")] = None,
+    admin_key: Annotated[str | None, typer.Option(help="key for /admin/ (unset: off)")] = None,
+    registry: Annotated[str | None, typer.Option(help="registry DB URL [sqlite in home]")] = None,
+    artifacts: Annotated[str | None, typer.Option(help="artifact store URL [file in home]")] = None,
+    adapter_cache_gib: Annotated[
+        float | None, typer.Option(help="local adapter disk cache in GiB [4]")
+    ] = None,
+    lora_ops: Annotated[
+        str | None, typer.Option(help="CPU LoRA ops: loraplex (default) or vllm")
+    ] = None,
     home: Annotated[Path | None, typer.Option(help="data dir [~/.loraplex]")] = None,
 ) -> None:
     """Serve the OpenAI-compatible API on a vLLM engine, with per-request LoRA adapters."""
@@ -84,9 +94,15 @@ def serve(
         "served_name": served_name, "max_loras": max_loras, "max_lora_rank": max_lora_rank,
         "max_model_len": max_model_len, "kv_cache_gib": kv_cache_gib,
         "max_num_seqs": max_num_seqs, "max_queued_requests": max_queued_requests,
-        "api_keys": api_key or None, "home": home,
+        "api_keys": api_key or None, "home": home, "admin_key": admin_key,
+        "registry": registry, "artifacts": artifacts, "adapter_cache_gib": adapter_cache_gib,
+        "lora_ops": lora_ops,
     }  # fmt: skip
-    settings = ServeSettings(**{k: v for k, v in flags.items() if v is not None})
+    try:
+        settings = ServeSettings(**{k: v for k, v in flags.items() if v is not None})
+    except ValidationError as e:
+        console.print(f"[red]error:[/red] {escape(str(e))}")
+        raise typer.Exit(2) from e
     from server.runner import ServeError, run_server
 
     model_dir = settings.model or _prepare_model(settings.data_dir())

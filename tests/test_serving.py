@@ -171,7 +171,7 @@ def test_stop_strings_and_length_finish(client):
 
 def test_models_lists_base_and_adapters(client):
     ids = [m.id for m in client.models.list()]
-    assert ids == [BASE, *sorted(ADAPTER_SPECS)]
+    assert ids[:4] == [BASE, *sorted(ADAPTER_SPECS)]  # then registry names, if any
 
 
 def test_a_refused_adapter_never_harms_the_engine(real_server, client, tmp_path):
