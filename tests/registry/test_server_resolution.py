@@ -47,9 +47,7 @@ class Stack:
         cache = AdapterDiskCache(
             tmp_path / "cache", artifacts=artifacts, max_bytes=10**9, metrics=self.metrics
         )
-        loader = AdapterLoader(
-            self.engine, cache, metrics=self.metrics, max_loaded=8, max_rank=16
-        )
+        loader = AdapterLoader(self.engine, cache, metrics=self.metrics, max_loaded=8, max_rank=16)
         local = LocalAdapters(self.engine, base_name="fake", adapters={}, metrics=self.metrics)
         self.resolver = RegistryResolver(
             registry.store, loader, local=local, metrics=self.metrics, poll_seconds=0.1
@@ -57,9 +55,7 @@ class Stack:
         app = create_app(engine=self.engine, resolver=self.resolver, metrics=self.metrics)
         self.server = ServerThread(app).start()
         self.server.wait_ready()
-        self.client = openai.OpenAI(
-            base_url=f"{self.server.url}/v1", api_key="x", max_retries=0
-        )
+        self.client = openai.OpenAI(base_url=f"{self.server.url}/v1", api_key="x", max_retries=0)
 
     def served(self, model: str) -> str:
         reply = self.client.chat.completions.create(
