@@ -99,3 +99,32 @@ def test_register_only_patches_when_asked(monkeypatch):
         for name in vllm_patches._PATCHED_FUNCTIONS:
             monkeypatch.setattr(punica_cpu, name, getattr(vllm_ops, name))
         punica_cpu._loraplex_patched = False
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("slots", [1, 2, 4, 8])
+def test_mixed_ranks_and_adapter_counts_through_shrink_and_expand(dtype, slots):
+    """A LoRA layer's whole path (shrink into an fp32 buffer, expand into the output) with 1-8
+    adapters of ranks 8/16/64 padded into one stack, plus base rows, against vLLM's ops."""
+    max_rank = 64
+    g = torch.Generator().manual_seed(slots)
+    a = torch.zeros(slots, 1, max_rank, IN, dtype=dtype)
+    b = torch.zeros(slots, 1, OUT, max_rank, dtype=dtype)
+    for slot in range(slots):  # vLLM pads smaller ranks with zeros up to max_lora_rank
+        rank = (8, 16, 64)[slot % 3]
+        a[slot, 0, :rank] = torch.randn(rank, IN, generator=g).to(dtype)
+        b[slot, 0, :, :rank] = torch.randn(OUT, rank, generator=g).to(dtype)
+    indices = torch.tensor([i % (slots + 1) - 1 for i in range(3 * slots + 2)])  # -1 included
+    x = torch.randn(len(indices), IN, generator=g).to(dtype)
+    y0 = torch.randn(len(indices), OUT, generator=g).to(dtype)
+    results = []
+    for ops in (vllm_patches, vllm_ops):
+        buffer = torch.zeros(len(indices), max_rank, dtype=torch.float32)
+        y = y0.clone()
+        ops.bgmv_shrink(x, a, buffer, indices, 0.5)
+        ops.bgmv_expand(buffer, b, y, indices, True)
+        results.append(y)
+    ours, theirs = results
+    rows = indices >= 0
+    torch.testing.assert_close(ours[rows], theirs[rows], **_tolerance(dtype))
+    torch.testing.assert_close(ours[~rows], y0[~rows])

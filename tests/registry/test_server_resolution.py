@@ -41,8 +41,10 @@ def wait_for(predicate: Callable[[], bool], *, timeout: float = 15.0) -> None:
 class Stack:
     """A fake-engine server resolving through a real registry."""
 
-    def __init__(self, tmp_path: Path, registry: Registry, artifacts) -> None:
-        self.engine = FakeEngine()
+    def __init__(
+        self, tmp_path: Path, registry: Registry, artifacts, *, token_delay: float = 0.0
+    ) -> None:
+        self.engine = FakeEngine(token_delay=token_delay)
         self.metrics = ServerMetrics(CollectorRegistry())
         cache = AdapterDiskCache(
             tmp_path / "cache", artifacts=artifacts, max_bytes=10**9, metrics=self.metrics
@@ -161,3 +163,24 @@ def test_database_outage_serves_the_last_routing_table_and_recovers(
     registry.register("support", make_adapter(), actor="t")
     registry.store.promote("support", 2, actor="t")
     wait_for(lambda: stack.served("support") == "support@2")
+
+
+def test_requests_in_flight_finish_on_the_version_they_started_with(
+    tmp_path, registry_on_postgres_and_s3, make_adapter, stacks
+):
+    registry = registry_on_postgres_and_s3
+    registry.register("support", make_adapter(), actor="t")
+    registry.register("support", make_adapter(), actor="t")
+    registry.store.promote("support", 1, actor="t")
+    stack = Stack(tmp_path, registry, registry.artifacts, token_delay=0.15)
+    stacks.append(stack)
+    stream = stack.client.chat.completions.create(
+        model="support", messages=[{"role": "user", "content": "hi"}], stream=True
+    )
+    chunks = [next(stream)]
+    registry.store.promote("support", 2, actor="t")
+    wait_for(lambda: stack.served("support") == "support@2")  # new requests: v2
+    chunks += list(stream)  # the old one is still streaming v1
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert {c.model for c in chunks} == {"support@1"}
+    assert text.startswith("[support@1]") and text.endswith("lazy dog")
