@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import typer
 
+from loadtest import cli as loadtest_cli
 from registry import cli as registry_cli
 from server import cli as server_cli
 
@@ -15,6 +16,7 @@ app = typer.Typer(
 app.command("serve")(server_cli.serve)
 app.add_typer(server_cli.model_app, name="model")
 app.add_typer(registry_cli.app, name="registry")
+app.command("loadtest")(loadtest_cli.loadtest)
 
 
 def main() -> None:
