@@ -1,0 +1,1 @@
+"""Benchmarks of loraplex; see bench/README.md. Not part of the installed package."""

@@ -1,0 +1,210 @@
+"""Micro-benchmark of the CPU LoRA ops: the time one model step spends in LoRA, per implementation.
+
+vLLM's CPU LoRA layers call a shrink and an expand op for every slice of every linear layer that
+LoRA wraps (q/k/v, o, gate/up, down: 7 slices x 2 ops x 30 layers for SmolLM2-135M), whatever
+modules the adapter targets. This replays exactly those calls, with the real weight-stack shapes
+(max_loras slots of rank 16, bf16, fp32 intermediate buffer), on one thread like vLLM's CPU
+worker, for three implementations:
+
+  vllm      vLLM's torch ops (gather each row's weights, einsum); rows without adapter are wrong
+  loraplex  server.vllm_patches (group rows by slot: one matmul per adapter present)
+  stacked   bench/_lora_stacked.py: one matmul for all slots at once, a one-hot slot mask
+            picks each row's part (one matmul per op when every row is on the same adapter)
+  harness   no LoRA at all: the replay's own cost (buffer allocation), to subtract
+
+and for decode (8 rows) and prefill (8 prompts of 40 tokens) batches with rows on no adapter,
+one adapter, or 4 adapters round-robin. It checks the three agree where vLLM's is right.
+
+    .venv/bin/python bench/lora_ops.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+if __package__ in (None, ""):  # run as a script: make `bench` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+HIDDEN, INTERMEDIATE, KV, LAYERS = 576, 1536, 192, 30
+# (input size, output slices) of each LoRA-wrapped linear layer of one decoder layer
+LAYER_SHAPES: tuple[tuple[int, tuple[int, ...]], ...] = (
+    (HIDDEN, (HIDDEN, KV, KV)),  # qkv_proj
+    (HIDDEN, (HIDDEN,)),  # o_proj
+    (HIDDEN, (INTERMEDIATE, INTERMEDIATE)),  # gate_up_proj
+    (INTERMEDIATE, (HIDDEN,)),  # down_proj
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Ops:
+    shrink: Callable[..., None]  # (x, a_stack, out_fp32, indices, scale)
+    expand_slice: Callable[..., None]  # (x_fp32, b_stack, y, indices, offset, size, add)
+
+
+def _no_op(*args: Any) -> None:
+    pass
+
+
+def implementations() -> dict[str, Ops]:
+    from vllm.lora.ops.torch_ops import lora_ops as stock
+
+    import server.vllm_patches as patched
+    from bench import _lora_stacked as stacked
+
+    return {
+        "vllm": Ops(stock.bgmv_shrink, stock.bgmv_expand_slice),
+        "loraplex": Ops(patched.bgmv_shrink, patched.bgmv_expand_slice),
+        "stacked": Ops(stacked.bgmv_shrink, stacked.bgmv_expand_slice),
+        "harness": Ops(_no_op, _no_op),  # the replay's own cost (buffers), to subtract
+    }
+
+
+# -- the replay -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Layer:
+    a: tuple[Any, ...]  # per slice: (slots, 1, rank, in)
+    b: tuple[Any, ...]  # per slice: (slots, 1, out, rank)
+    slices: tuple[int, ...]
+
+
+def make_layers(*, slots: int, rank: int, seed: int = 0) -> list[Layer]:
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    layers = []
+    for in_size, slices in LAYER_SHAPES * LAYERS:
+        a = tuple(
+            (torch.randn(slots, 1, rank, in_size, generator=gen) * 0.05).to(torch.bfloat16)
+            for _ in slices
+        )
+        b = tuple(
+            (torch.randn(slots, 1, out, rank, generator=gen) * 0.05).to(torch.bfloat16)
+            for out in slices
+        )
+        layers.append(Layer(a=a, b=b, slices=slices))
+    return layers
+
+
+def model_step(ops: Ops, layers: list[Layer], inputs: dict[int, Any], indices: Any) -> list[Any]:
+    """Every LoRA call of one forward pass, as vLLM's CPU punica wrapper makes them."""
+    import torch
+
+    outputs = []
+    rows = indices.shape[0]
+    for layer in layers:
+        x = inputs[layer.a[0].shape[-1]]
+        y = torch.zeros(rows, sum(layer.slices), dtype=torch.bfloat16)
+        rank = layer.a[0].shape[-2]
+        buffers = [torch.zeros(rows, rank, dtype=torch.float32) for _ in layer.slices]
+        for a, buf in zip(layer.a, buffers, strict=True):
+            ops.shrink(x, a, buf, indices, 1.0)
+        offset = 0
+        for b, buf, size in zip(layer.b, buffers, layer.slices, strict=True):
+            ops.expand_slice(buf, b, y, indices, offset, size, True)
+            offset += size
+        outputs.append(y)
+    return outputs
+
+
+def row_indices(kind: str, rows: int, *, slots: int, per_row: int = 1) -> Any:
+    import torch
+
+    if kind == "base":
+        per_seq = [-1] * rows
+    elif kind == "one":
+        per_seq = [0] * rows
+    else:  # mixed: slots round-robin
+        per_seq = [i % slots for i in range(rows)]
+    return torch.tensor(per_seq, dtype=torch.long).repeat_interleave(per_row)
+
+
+def time_step(ops: Ops, layers: list[Layer], indices: Any, *, repeats: int) -> float:
+    import torch
+
+    rows = indices.shape[0]
+    gen = torch.Generator().manual_seed(1)
+    inputs = {
+        size: torch.randn(rows, size, generator=gen).to(torch.bfloat16)
+        for size in (HIDDEN, INTERMEDIATE)
+    }
+    model_step(ops, layers, inputs, indices)  # warm-up
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        model_step(ops, layers, inputs, indices)
+        times.append(time.perf_counter() - started)
+    return statistics.median(times) * 1000
+
+
+def check_agreement(impls: dict[str, Ops], layers: list[Layer], *, slots: int) -> dict[str, float]:
+    """Largest difference from the loraplex ops, on a mixed batch without base rows."""
+    import torch
+
+    indices = row_indices("mixed", 8, slots=slots)
+    gen = torch.Generator().manual_seed(2)
+    inputs = {
+        s: torch.randn(8, s, generator=gen).to(torch.bfloat16) for s in (HIDDEN, INTERMEDIATE)
+    }
+    reference = model_step(impls["loraplex"], layers[:8], inputs, indices)
+    diffs = {}
+    for name, ops in impls.items():
+        got = model_step(ops, layers[:8], inputs, indices)
+        diffs[name] = max(
+            float((g.float() - r.float()).abs().max()) for g, r in zip(got, reference, strict=True)
+        )
+    return diffs
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--slots", type=int, default=4, help="max_loras (weight-stack slots)")
+    p.add_argument("--rank", type=int, default=16, help="max_lora_rank")
+    p.add_argument("--repeats", type=int, default=20)
+    p.add_argument("--threads", type=int, default=1, help="torch threads (vLLM's worker: 1)")
+    p.add_argument("--out", type=Path, default=None, help="write the figures as JSON")
+    args = p.parse_args(argv)
+
+    import os
+
+    os.environ.setdefault("VLLM_TARGET_DEVICE", "cpu")
+    import torch
+
+    torch.set_num_threads(args.threads)
+    impls = implementations()
+    layers = make_layers(slots=args.slots, rank=args.rank)
+    batches = {"decode x8": (8, 1), "prefill 8x40": (8, 40)}
+    figures: dict[str, dict[str, float]] = {}
+    print(f"ms of LoRA ops per model step ({LAYERS} layers, {args.threads} thread(s))")
+    print(f"{'batch':<14} {'rows on':<8} " + " ".join(f"{n:>9}" for n in impls))
+    for batch, (seqs, per_seq) in batches.items():
+        repeats = args.repeats if per_seq == 1 else max(3, args.repeats // 4)
+        for kind in ("base", "one", "mixed"):
+            indices = row_indices(kind, seqs, slots=args.slots, per_row=per_seq)
+            row = {
+                n: round(time_step(o, layers, indices, repeats=repeats), 2)
+                for n, o in impls.items()
+            }
+            figures[f"{batch} / {kind}"] = row
+            print(f"{batch:<14} {kind:<8} " + " ".join(f"{row[n]:>9}" for n in impls))
+    diffs = check_agreement(
+        {n: o for n, o in impls.items() if n != "harness"}, layers, slots=args.slots
+    )
+    print(f"max |difference| from loraplex ops on a mixed batch: {diffs}")
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps({"ms_per_step": figures, "max_abs_diff": diffs}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

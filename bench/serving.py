@@ -1,0 +1,198 @@
+"""Serving benchmark: loraplex vs vLLM's own OpenAI server vs a transformers + peft loop.
+
+The same workload runs against each system: 16 fixed chat prompts (cycled), greedy, a fixed
+number of output tokens (`ignore_eos`), streamed, `--concurrency` requests in flight (closed
+loop); scenarios: the base model only, one adapter, and four adapters round-robin ("mixed").
+Per scenario it records output tokens/s (all output tokens / wall time), median and p90 time to
+first content token, median end-to-end latency, and how much CPU other processes used meanwhile.
+It writes one JSON file and prints the ratios against the targets (see bench/README.md).
+
+    .venv/bin/python bench/serving.py --requests 32 --concurrency 8 --max-tokens 64
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: make `bench` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench._adapters import ADAPTER_NAMES, ALPHA, RANK, TARGET_MODULES, ensure_adapters
+from bench._machine import machine_info
+from bench._report import Figures, ratios, table, verdicts, write_json
+from bench._servers import PATCH_FLAG, EngineSettings, loraplex_spec, vllm_spec
+from bench._systems import RunOptions, run_http_system, run_peft
+from bench._workload import PROMPTS, SCENARIOS
+
+SYSTEMS = ("loraplex", "vllm", "peft")
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+
+def default_home() -> Path:
+    return Path(os.environ.get("LORAPLEX_HOME", "~/.loraplex")).expanduser()
+
+
+def utc_stamp() -> str:
+    return dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
+
+
+def _csv(allowed: tuple[str, ...]) -> Callable[[str], tuple[str, ...]]:
+    def parse(value: str) -> tuple[str, ...]:
+        items = tuple(v.strip() for v in value.split(",") if v.strip())
+        unknown = [v for v in items if v not in allowed]
+        if unknown or not items:
+            raise argparse.ArgumentTypeError(
+                f"expected a comma-separated subset of {','.join(allowed)}, got {value!r}"
+            )
+        return items
+
+    return parse
+
+
+def _env_pair(value: str) -> tuple[str, str]:
+    key, sep, val = value.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {value!r}")
+    return key, val
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--requests", type=int, default=32, help="measured requests per scenario")
+    p.add_argument("--concurrency", type=int, default=8, help="requests in flight (HTTP systems)")
+    p.add_argument("--max-tokens", type=int, default=64, help="output tokens per request")
+    p.add_argument("--out", type=Path, default=None, help="JSON result file")
+    p.add_argument("--only", type=_csv(SYSTEMS), default=SYSTEMS, help="systems to run")
+    p.add_argument(
+        "--scenarios", type=_csv(tuple(SCENARIOS)), default=tuple(SCENARIOS), help="scenarios"
+    )
+    p.add_argument("--model", type=Path, default=None, help="HF model folder (default: embedded)")
+    p.add_argument("--home", type=Path, default=None, help="loraplex data dir [$LORAPLEX_HOME]")
+    p.add_argument(
+        "--work-dir", type=Path, default=Path("~/.cache/loraplex-bench"),
+        help="bench adapters and server logs",
+    )  # fmt: skip
+    p.add_argument("--kv-cache-gib", type=int, default=2)
+    p.add_argument("--max-num-seqs", type=int, default=32)
+    p.add_argument("--max-loras", type=int, default=4)
+    p.add_argument(
+        "--env", type=_env_pair, action="append", default=[],
+        help="KEY=VALUE for both servers' environment (e.g. VLLM_CPU_NUM_OF_RESERVED_CPU=0)",
+    )  # fmt: skip
+    p.add_argument("--peft-dtype", choices=("auto", "float32", "bfloat16"), default="auto")
+    p.add_argument(
+        "--busy-threshold", type=float, default=0.3,
+        help="CPU cores other processes may use before a measurement is redone",
+    )  # fmt: skip
+    return p
+
+
+def resolve_model(model: Path | None, home: Path) -> Path:
+    folder = (model or home / "models" / "smollm2-135m-instruct").expanduser().resolve()
+    if not (folder / "config.json").is_file():
+        raise SystemExit(f"error: no model at {folder}; run `loraplex model prepare` or --model")
+    return folder
+
+
+def engine_settings(
+    model_dir: Path, *, work_dir: Path, max_loras: int = 4, max_num_seqs: int = 32,
+    kv_cache_gib: int = 2, env: dict[str, str] | None = None,
+) -> EngineSettings:  # fmt: skip
+    """The shared engine settings, with the bench adapters (created on first use)."""
+    return EngineSettings(
+        model_dir=model_dir,
+        adapters=ensure_adapters(model_dir, work_dir / "adapters"),
+        max_loras=max_loras,
+        max_num_seqs=max_num_seqs,
+        kv_cache_gib=kv_cache_gib,
+        extra_env=dict(env or {}),
+    )
+
+
+def run_systems(
+    settings: EngineSettings, opts: RunOptions, *, only: tuple[str, ...], home: Path,
+    peft_dtype: str,
+) -> tuple[Figures, dict[str, object]]:  # fmt: skip
+    figures: Figures = {}
+    extra: dict[str, object] = {}
+    layouts: dict[str, object] = {}
+    if "loraplex" in only:
+        figures["loraplex"], layouts["loraplex"] = run_http_system(
+            lambda port: loraplex_spec(settings, port=port, home=home), opts, label="loraplex"
+        )
+    if "vllm" in only:
+        figures["vllm"], layouts["vllm"] = run_http_system(
+            lambda port: vllm_spec(settings, port=port), opts, label="vllm"
+        )
+    if layouts:
+        extra["process_layout"] = layouts
+    if "peft" in only:
+        figures["peft"], extra["peft"] = run_peft(settings, opts, dtype=peft_dtype)
+    return figures, extra
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    home = (args.home or default_home()).expanduser()
+    started = utc_stamp()
+    out = args.out or RESULTS_DIR / f"serving-{started}.json"
+    settings = engine_settings(
+        resolve_model(args.model, home), work_dir=args.work_dir.expanduser(),
+        max_loras=args.max_loras, max_num_seqs=args.max_num_seqs,
+        kv_cache_gib=args.kv_cache_gib, env=dict(args.env),
+    )  # fmt: skip
+    opts = RunOptions(
+        requests=args.requests,
+        concurrency=args.concurrency,
+        max_tokens=args.max_tokens,
+        scenarios=args.scenarios,
+        work_dir=args.work_dir.expanduser(),
+        busy_threshold_cores=args.busy_threshold,
+    )
+    figures, extra = run_systems(
+        settings, opts, only=args.only, home=home, peft_dtype=args.peft_dtype
+    )
+    ratio_rows = ratios(figures, opts.scenarios)
+    document: dict[str, object] = {
+        "benchmark": "serving",
+        "started_utc": started,
+        "finished_utc": utc_stamp(),
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "machine": machine_info(),
+        "settings": {
+            "requests": opts.requests,
+            "concurrency": opts.concurrency,
+            "max_tokens": opts.max_tokens,
+            "temperature": 0.0,
+            "ignore_eos": True,
+            "prompts": len(PROMPTS),
+            "scenarios": {s: list(SCENARIOS[s]) for s in opts.scenarios},
+            "adapters": {
+                "names": list(ADAPTER_NAMES),
+                "rank": RANK,
+                "alpha": ALPHA,
+                "target_modules": list(TARGET_MODULES),
+            },  # fmt: skip
+            "engine": settings.to_json(),
+            "vllm_server": {"patched_by_loraplex": False, "env_removed": PATCH_FLAG},
+            "busy_threshold_cores": opts.busy_threshold_cores,
+            **extra,
+        },
+        "results": figures,
+        "ratios": ratio_rows,
+        "targets_met": verdicts(ratio_rows),
+    }
+    write_json(out, document)
+    print(table(figures, ratio_rows))
+    print(f"targets: {document['targets_met']}")
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
