@@ -119,6 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--custom", type=_experiment_env, action="append", default=[],
         help="an extra experiment: NAME=KEY=VALUE[;KEY=VALUE] (environment of the server)",
     )  # fmt: skip
+    p.add_argument("--repeat", type=int, default=1, help="run each experiment this many times")
     p.add_argument("--peft-json", type=Path, default=None, help="serving result with peft mixed")
     p.add_argument("--out", type=Path, default=None)
     p.add_argument("--model", type=Path, default=None)
@@ -165,7 +166,7 @@ def _peft_mixed_tps(path: Path | None) -> float | None:
 def summary_table(results: dict[str, dict[str, Any]], peft_tps: float | None) -> str:
     """One row per experiment and scenario; 'vs base' compares with the baseline's scenario,
     'vs peft' with the peft loop's mixed figure."""
-    baseline = results.get("baseline", {}).get("scenarios", {})
+    baseline = (results.get("baseline") or results.get("baseline#1") or {}).get("scenarios", {})
     lines = [f"{'experiment':<22} {'scenario':<8} {'tok/s':>7} {'vs base':>8} {'vs peft':>8} "
              f"{'TTFT p50':>10} {'worker s':>8} {'api s':>6} {'core s':>6} {'other CPU':>9}"]  # fmt: skip
     for name, r in results.items():
@@ -213,9 +214,12 @@ def main(argv: list[str] | None = None) -> int:
                      "max_tokens": opts.max_tokens, "scenarios": list(scenarios)},
         "experiments": results,
     }  # fmt: skip
-    for name, exp in chosen.items():
-        results[name] = run_experiment(name, exp, base, opts, home=home)
-        write_json(out, document)  # after each experiment: a long run keeps what it measured
+    # Repeats interleave (a, b, a, b) so that a slow drift of the machine hits every experiment.
+    for round_ in range(1, args.repeat + 1):
+        for name, exp in chosen.items():
+            key = name if args.repeat == 1 else f"{name}#{round_}"
+            results[key] = run_experiment(key, exp, base, opts, home=home)
+            write_json(out, document)  # after each one: a long run keeps what it measured
     print(summary_table(results, peft_tps))
     print(f"wrote {out}")
     return 0
