@@ -31,6 +31,17 @@ class RunOptions:
     max_wait_seconds: float = 600.0
     attempts: int = 3
 
+    def __post_init__(self) -> None:
+        positive = {
+            "requests": self.requests, "concurrency": self.concurrency,
+            "max_tokens": self.max_tokens, "attempts": self.attempts,
+        }  # fmt: skip
+        problems = [f"{k} must be at least 1, got {v}" for k, v in positive.items() if v < 1]
+        if not self.scenarios:
+            problems.append("no scenarios to run")
+        if problems:
+            raise ValueError("; ".join(problems))
+
 
 def _log(message: str) -> None:
     print(message, flush=True)
@@ -55,7 +66,7 @@ def on_quiet_machine(measure: Callable[[], T], opts: RunOptions) -> tuple[T, Loa
         if load.foreign_cpu_cores < opts.busy_threshold_cores or attempt == opts.attempts:
             return result, load, attempt
         _log(f"  disturbed: other processes used {load.foreign_cpu_cores} cores; measuring again")
-    raise AssertionError("unreachable: attempts >= 1")
+    raise AssertionError("unreachable: RunOptions guarantees attempts >= 1")
 
 
 def guarded(

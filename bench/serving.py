@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import json
 import os
 import sys
 from collections.abc import Callable
@@ -84,6 +85,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--env", type=_env_pair, action="append", default=[],
         help="KEY=VALUE for both servers' environment (e.g. VLLM_CPU_NUM_OF_RESERVED_CPU=0)",
     )  # fmt: skip
+    p.add_argument(
+        "--reuse-from", type=Path, default=None,
+        help="take the figures of systems not run (see --only) from this earlier result",
+    )  # fmt: skip
     p.add_argument("--peft-dtype", choices=("auto", "float32", "bfloat16"), default="auto")
     p.add_argument(
         "--busy-threshold", type=float, default=0.3,
@@ -136,6 +141,15 @@ def run_systems(
     return figures, extra
 
 
+def reuse_figures(figures: Figures, path: Path, scenarios: tuple[str, ...]) -> list[str]:
+    """Add the systems missing from `figures` from an earlier result file; return their names."""
+    earlier = json.loads(path.read_text())["results"]
+    added = [s for s in earlier if s not in figures]
+    for system in added:
+        figures[system] = {k: v for k, v in earlier[system].items() if k in scenarios}
+    return added
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     home = (args.home or default_home()).expanduser()
@@ -157,6 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     figures, extra = run_systems(
         settings, opts, only=args.only, home=home, peft_dtype=args.peft_dtype
     )
+    reused = reuse_figures(figures, args.reuse_from, opts.scenarios) if args.reuse_from else []
     ratio_rows = ratios(figures, opts.scenarios)
     document: dict[str, object] = {
         "benchmark": "serving",
@@ -181,6 +196,7 @@ def main(argv: list[str] | None = None) -> int:
             "engine": settings.to_json(),
             "vllm_server": {"patched_by_loraplex": False, "env_removed": PATCH_FLAG},
             "busy_threshold_cores": opts.busy_threshold_cores,
+            "reused": {"from": str(args.reuse_from), "systems": reused} if reused else None,
             **extra,
         },
         "results": figures,
@@ -189,6 +205,8 @@ def main(argv: list[str] | None = None) -> int:
     }
     write_json(out, document)
     print(table(figures, ratio_rows))
+    if reused:
+        print(f"figures of {', '.join(reused)} reused from {args.reuse_from}")
     print(f"targets: {document['targets_met']}")
     print(f"wrote {out}")
     return 0
