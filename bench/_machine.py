@@ -1,8 +1,10 @@
-"""What the benchmark ran on, and how busy the machine was with other work while it ran.
+"""What the benchmark ran on, and where the CPU went while it ran, from /proc.
 
-`ForeignCpu` counts CPU time used by processes that are not this benchmark or its descendants
-(the servers, their engine cores and workers), from /proc: on a 2-core machine another job's test
-run can halve a figure, so every measurement records it and can wait for a quiet machine first.
+`ForeignCpu` measures the CPU used by everything except this benchmark and its descendants (the
+servers, their engine cores and workers): on a 2-core machine another job's test run can halve a
+figure, so every measurement records it and can wait for a quiet machine first. `TreeCpu` splits
+a server's own CPU time by process role; `process_layout` records each role's threads, allowed
+CPUs and OpenMP settings.
 """
 
 from __future__ import annotations

@@ -81,8 +81,10 @@ def table(figures: Figures, ratio_rows: dict[str, dict[str, object]]) -> str:
         f"{'scenario':<8} {'system':<9} {'tok/s':>8} {'TTFT p50':>10} {'TTFT p90':>10} "
         f"{'e2e p50':>10} {'other CPU':>9}"
     ]
+    order = {name: i for i, name in enumerate(("loraplex", "vllm", "peft"))}
+    systems = sorted(figures, key=lambda name: order.get(name, len(order)))
     for scenario, row in ratio_rows.items():
-        for system in figures:
+        for system in systems:
             f = figures[system].get(scenario)
             if not f:
                 continue

@@ -77,12 +77,13 @@ class Layer:
     slices: tuple[int, ...]
 
 
-def make_layers(*, slots: int, rank: int, seed: int = 0) -> list[Layer]:
+def make_layers(*, slots: int, rank: int, attn_only: bool = False, seed: int = 0) -> list[Layer]:
     import torch
 
     gen = torch.Generator().manual_seed(seed)
+    shapes = LAYER_SHAPES[:2] if attn_only else LAYER_SHAPES
     layers = []
-    for in_size, slices in LAYER_SHAPES * LAYERS:
+    for in_size, slices in shapes * LAYERS:
         a = tuple(
             (torch.randn(slots, 1, rank, in_size, generator=gen) * 0.05).to(torch.bfloat16)
             for _ in slices
@@ -171,6 +172,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rank", type=int, default=16, help="max_lora_rank")
     p.add_argument("--repeats", type=int, default=20)
     p.add_argument("--threads", type=int, default=1, help="torch threads (vLLM's worker: 1)")
+    p.add_argument(
+        "--attn-only", action="store_true",
+        help="LoRA on qkv/o only (vLLM's lora_target_modules), not gate_up/down",
+    )  # fmt: skip
     p.add_argument("--out", type=Path, default=None, help="write the figures as JSON")
     args = p.parse_args(argv)
 
@@ -181,10 +186,11 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(args.threads)
     impls = implementations()
-    layers = make_layers(slots=args.slots, rank=args.rank)
+    layers = make_layers(slots=args.slots, rank=args.rank, attn_only=args.attn_only)
     batches = {"decode x8": (8, 1), "prefill 8x40": (8, 40)}
     figures: dict[str, dict[str, float]] = {}
-    print(f"ms of LoRA ops per model step ({LAYERS} layers, {args.threads} thread(s))")
+    wrapped = "qkv, o" if args.attn_only else "qkv, o, gate_up, down"
+    print(f"ms of LoRA ops per model step ({LAYERS} layers x {wrapped}; {args.threads} thread(s))")
     print(f"{'batch':<14} {'rows on':<8} " + " ".join(f"{n:>9}" for n in impls))
     for batch, (seqs, per_seq) in batches.items():
         repeats = args.repeats if per_seq == 1 else max(3, args.repeats // 4)

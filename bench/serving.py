@@ -150,6 +150,30 @@ def reuse_figures(figures: Figures, path: Path, scenarios: tuple[str, ...]) -> l
     return added
 
 
+def settings_json(
+    opts: RunOptions, settings: EngineSettings, *, reused: dict[str, object] | None
+) -> dict[str, object]:
+    return {
+        "requests": opts.requests,
+        "concurrency": opts.concurrency,
+        "max_tokens": opts.max_tokens,
+        "temperature": 0.0,
+        "ignore_eos": True,
+        "prompts": len(PROMPTS),
+        "scenarios": {s: list(SCENARIOS[s]) for s in opts.scenarios},
+        "adapters": {
+            "names": list(ADAPTER_NAMES),
+            "rank": RANK,
+            "alpha": ALPHA,
+            "target_modules": list(TARGET_MODULES),
+        },
+        "engine": settings.to_json(),
+        "vllm_server": {"patched_by_loraplex": False, "env_removed": PATCH_FLAG},
+        "busy_threshold_cores": opts.busy_threshold_cores,
+        "reused": reused,
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     home = (args.home or default_home()).expanduser()
@@ -161,44 +185,23 @@ def main(argv: list[str] | None = None) -> int:
         kv_cache_gib=args.kv_cache_gib, env=dict(args.env),
     )  # fmt: skip
     opts = RunOptions(
-        requests=args.requests,
-        concurrency=args.concurrency,
-        max_tokens=args.max_tokens,
-        scenarios=args.scenarios,
-        work_dir=args.work_dir.expanduser(),
+        requests=args.requests, concurrency=args.concurrency, max_tokens=args.max_tokens,
+        scenarios=args.scenarios, work_dir=args.work_dir.expanduser(),
         busy_threshold_cores=args.busy_threshold,
-    )
+    )  # fmt: skip
     figures, extra = run_systems(
         settings, opts, only=args.only, home=home, peft_dtype=args.peft_dtype
     )
     reused = reuse_figures(figures, args.reuse_from, opts.scenarios) if args.reuse_from else []
     ratio_rows = ratios(figures, opts.scenarios)
+    reuse_note = {"from": str(args.reuse_from), "systems": reused} if reused else None
     document: dict[str, object] = {
         "benchmark": "serving",
         "started_utc": started,
         "finished_utc": utc_stamp(),
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "machine": machine_info(),
-        "settings": {
-            "requests": opts.requests,
-            "concurrency": opts.concurrency,
-            "max_tokens": opts.max_tokens,
-            "temperature": 0.0,
-            "ignore_eos": True,
-            "prompts": len(PROMPTS),
-            "scenarios": {s: list(SCENARIOS[s]) for s in opts.scenarios},
-            "adapters": {
-                "names": list(ADAPTER_NAMES),
-                "rank": RANK,
-                "alpha": ALPHA,
-                "target_modules": list(TARGET_MODULES),
-            },  # fmt: skip
-            "engine": settings.to_json(),
-            "vllm_server": {"patched_by_loraplex": False, "env_removed": PATCH_FLAG},
-            "busy_threshold_cores": opts.busy_threshold_cores,
-            "reused": {"from": str(args.reuse_from), "systems": reused} if reused else None,
-            **extra,
-        },
+        "settings": {**settings_json(opts, settings, reused=reuse_note), **extra},
         "results": figures,
         "ratios": ratio_rows,
         "targets_met": verdicts(ratio_rows),
