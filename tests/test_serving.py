@@ -4,7 +4,6 @@ output, logprobs, and adapters the engine refuses."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 
 import httpx
@@ -13,7 +12,13 @@ import pytest
 
 from server.engine import AdapterHandle
 from server.errors import AdapterLoadError
-from tests.support.adapters import ADAPTER_SPECS, HELD_OUT_PROMPTS
+from tests.support.adapters import (
+    ADAPTER_SPECS,
+    HELD_OUT_PROMPTS,
+    behaviours,
+    mixed_batch_answers,
+    wrong_behaviours,
+)
 
 pytestmark = pytest.mark.engine
 BASE = "smollm2"
@@ -28,10 +33,6 @@ def ask(client: openai.OpenAI, model: str, prompt: str, **kwargs) -> str:
         **kwargs,
     )
     return reply.choices[0].message.content
-
-
-def behaviours(text: str) -> set[str]:
-    return {name for name, spec in ADAPTER_SPECS.items() if spec.check(text)}
 
 
 def test_base_model_answers_coherently(client):
@@ -56,33 +57,13 @@ def test_each_adapter_shows_its_behaviour(client, name):
 
 def test_mixed_batch_isolation(async_client):
     """Base plus three adapters at once, greedy: each answer shows its own behaviour only.
-    Without the CPU LoRA patch, base rows batched with adapter rows pick up an adapter."""
-    models = [BASE, *sorted(ADAPTER_SPECS)]
-    prompts = HELD_OUT_PROMPTS[:4]
-
-    async def one(model: str, prompt: str) -> tuple[str, str, str]:
-        reply = await async_client.chat.completions.create(
-            model=model,
-            messages=[{"role": "user", "content": prompt}],
-            temperature=0,
-            max_tokens=64,
-        )
-        return model, prompt, reply.choices[0].message.content
-
-    async def all_at_once():
-        return await asyncio.gather(*(one(m, p) for p in prompts for m in models))
-
-    results = asyncio.run(all_at_once())
-    wrong = []
-    for model, prompt, text in results:
-        expected = set() if model == BASE else {model}
-        if behaviours(text) != expected:
-            wrong.append((model, prompt, text))
+    With vLLM's own CPU LoRA ops, base rows batched with adapter rows pick up an adapter
+    (tests/test_cli.py::test_loraplex_serve_with_vllm_lora_ops shows it)."""
+    base_leaks, misses = wrong_behaviours(mixed_batch_answers(async_client, BASE), BASE)
     # Adapters show their behaviour on most held-out prompts (5+/6 when trained); the base
     # model must never show an adapter's behaviour.
-    base_leaks = [w for w in wrong if w[0] == BASE]
     assert not base_leaks, base_leaks
-    assert len(wrong) <= 2, wrong
+    assert len(misses) <= 2, misses
 
 
 def test_streaming_matches_the_whole_answer(client):

@@ -1,4 +1,5 @@
-"""The CPU LoRA ops that isolate base rows (server.vllm_patches) against vLLM's own ops.
+"""loraplex's CPU LoRA ops (server.lora_cpu_ops, installed by server.vllm_patches) against
+vLLM's own ops.
 
 Rows with an adapter slot must match vLLM's result; rows with slot -1 must get exactly nothing
 (vLLM's ops give them the last slot's adapter: the defect the patch fixes).
@@ -11,7 +12,7 @@ import pytest
 torch = pytest.importorskip("torch")
 vllm_ops = pytest.importorskip("vllm.lora.ops.torch_ops")
 
-from server import vllm_patches  # noqa: E402
+from server import lora_cpu_ops, vllm_patches  # noqa: E402
 
 SLOTS, IN, OUT = 4, 64, 96
 
@@ -33,7 +34,7 @@ def test_shrink_matches_vllm_and_zeroes_base_rows(dtype, rank):
     weights = _stack(rank, (rank, IN), dtype)
     ours = torch.full((len(indices), rank), 7.0)
     theirs = torch.full((len(indices), rank), 7.0)
-    vllm_patches.bgmv_shrink(x, weights, ours, indices, 0.5)
+    lora_cpu_ops.bgmv_shrink(x, weights, ours, indices, 0.5)
     vllm_ops.bgmv_shrink(x, weights, theirs, indices, 0.5)
     adapter_rows = indices >= 0
     torch.testing.assert_close(ours[adapter_rows], theirs[adapter_rows], **_tolerance(dtype))
@@ -48,7 +49,7 @@ def test_expand_matches_vllm_and_leaves_base_rows_alone(dtype, add_inputs):
     weights = _stack(16, (OUT, 16), dtype)
     start = torch.randn(len(indices), OUT).to(dtype)
     ours, theirs = start.clone(), start.clone()
-    vllm_patches.bgmv_expand(x, weights, ours, indices, add_inputs)
+    lora_cpu_ops.bgmv_expand(x, weights, ours, indices, add_inputs)
     vllm_ops.bgmv_expand(x, weights, theirs, indices, add_inputs)
     rows = indices >= 0
     torch.testing.assert_close(ours[rows], theirs[rows], **_tolerance(dtype))
@@ -67,7 +68,7 @@ def test_expand_slice_and_prefill_variants(dtype):
     start = torch.randn(tokens, OUT).to(dtype)
     ours, theirs = start.clone(), start.clone()
     args = (starts, seq_lens, seq_slots, 3, 4, tokens, 40, 32, True)
-    vllm_patches.sgmv_expand_slice(x, weights, ours, *args)
+    lora_cpu_ops.sgmv_expand_slice(x, weights, ours, *args)
     vllm_ops.sgmv_expand_slice(x, weights, theirs, *args)
     token_slots = torch.repeat_interleave(seq_slots, seq_lens)
     rows = token_slots >= 0
@@ -85,20 +86,29 @@ def test_vllm_ops_show_the_defect_the_patch_fixes():
 
 
 def test_register_only_patches_when_asked(monkeypatch):
+    from vllm.lora import model_manager
     from vllm.lora.punica_wrapper import punica_cpu
 
+    wrapper, manager = punica_cpu.PunicaWrapperCPU, model_manager.LoRAModelManager
+    # Record every attribute register() replaces, so that monkeypatch puts it back afterwards.
+    for name in vllm_patches._PATCHED_FUNCTIONS:
+        monkeypatch.setattr(punica_cpu, name, getattr(punica_cpu, name))
+    for owner, name in ((wrapper, "update_metadata"), (wrapper, "add_lora_linear"),
+                        (manager, "activate_adapter")):  # fmt: skip
+        monkeypatch.setattr(owner, name, getattr(owner, name))
+    monkeypatch.setattr(punica_cpu, "_loraplex_patched", False, raising=False)
+    original_linear = wrapper.add_lora_linear
+
     monkeypatch.delenv(vllm_patches.ENV_FLAG, raising=False)
-    original = punica_cpu.bgmv_shrink
     vllm_patches.register()
-    assert punica_cpu.bgmv_shrink is original
+    assert punica_cpu.bgmv_shrink is vllm_ops.bgmv_shrink
+    assert wrapper.add_lora_linear is original_linear
+
     monkeypatch.setenv(vllm_patches.ENV_FLAG, "1")
-    try:
-        vllm_patches.register()
-        assert punica_cpu.bgmv_shrink is vllm_patches.bgmv_shrink
-    finally:
-        for name in vllm_patches._PATCHED_FUNCTIONS:
-            monkeypatch.setattr(punica_cpu, name, getattr(vllm_ops, name))
-        punica_cpu._loraplex_patched = False
+    vllm_patches.register()
+    vllm_patches.register()  # idempotent: wrapped once
+    assert punica_cpu.bgmv_shrink is lora_cpu_ops.bgmv_shrink
+    assert wrapper.add_lora_linear.__wrapped__ is original_linear
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -118,7 +128,7 @@ def test_mixed_ranks_and_adapter_counts_through_shrink_and_expand(dtype, slots):
     x = torch.randn(len(indices), IN, generator=g).to(dtype)
     y0 = torch.randn(len(indices), OUT, generator=g).to(dtype)
     results = []
-    for ops in (vllm_patches, vllm_ops):
+    for ops in (lora_cpu_ops, vllm_ops):
         buffer = torch.zeros(len(indices), max_rank, dtype=torch.float32)
         y = y0.clone()
         ops.bgmv_shrink(x, a, buffer, indices, 0.5)
@@ -128,3 +138,159 @@ def test_mixed_ranks_and_adapter_counts_through_shrink_and_expand(dtype, slots):
     rows = indices >= 0
     torch.testing.assert_close(ours[rows], theirs[rows], **_tolerance(dtype))
     torch.testing.assert_close(ours[~rows], y0[~rows])
+
+
+# -- fused layer products ----------------------------------------------------------------------
+
+
+def _layer_stacks(slots: int, slices: tuple[int, ...], dtype, *, empty=(), seed=0):
+    """vLLM-shaped stacks for one LoRA layer: per slice a (slots, 1, 64, IN), b (slots, 1, out,
+    64); slot s holds an adapter of rank 8/16/64 (zero-padded to 64), slots in `empty` none."""
+    max_rank = 64
+    g = torch.Generator().manual_seed(seed)
+    a = tuple(torch.zeros(slots, 1, max_rank, IN, dtype=dtype) for _ in slices)
+    b = tuple(torch.zeros(slots, 1, out, max_rank, dtype=dtype) for out in slices)
+    for slot in range(slots):
+        if slot in empty:
+            continue
+        rank = (8, 16, 64)[slot % 3]
+        for a_i, b_i, out in zip(a, b, slices, strict=True):
+            a_i[slot, 0, :rank] = (torch.randn(rank, IN, generator=g) * 0.3).to(dtype)
+            b_i[slot, 0, :, :rank] = (torch.randn(out, rank, generator=g) * 0.3).to(dtype)
+    return a, b
+
+
+def _vllm_layer(y, x, a, b, slices, indices, scale):
+    """What vLLM's CPU punica wrapper does for one layer (decode path), with vLLM's ops."""
+    buffers = [torch.zeros(x.shape[0], a[0].shape[-2], dtype=torch.float32) for _ in slices]
+    for a_i, buf in zip(a, buffers, strict=True):
+        vllm_ops.bgmv_shrink(x, a_i, buf, indices, scale)
+    offset = 0
+    for b_i, buf, size in zip(b, buffers, slices, strict=True):
+        vllm_ops.bgmv_expand_slice(buf, b_i, y, indices, offset, size, True)
+        offset += size
+
+
+def _check_fused(indices, *, slots, slices, dtype, scale=1.0, empty=()):
+    a, b = _layer_stacks(slots, slices, dtype, empty=empty, seed=slots)
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(len(indices), IN, generator=g).to(dtype)
+    y0 = torch.randn(len(indices), sum(slices), generator=g).to(dtype)
+    ours, theirs = y0.clone(), y0.clone()
+    weights = lora_cpu_ops.FusedLoraWeights.build(a, b, slices)
+    lora_cpu_ops.apply_fused_lora(ours, x, lora_cpu_ops.StepLayout.of(indices), weights, scale)
+    _vllm_layer(theirs, x, a, b, slices, indices, scale)
+    rows = indices >= 0
+    torch.testing.assert_close(ours[rows], theirs[rows], **_tolerance(dtype))
+    assert torch.equal(ours[~rows], y0[~rows])  # base rows: exactly untouched
+    return ours, y0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("slots", [1, 2, 4, 8])
+@pytest.mark.parametrize("slices", [(OUT,), (OUT, 32, 32)], ids=["one-slice", "qkv"])
+def test_fused_layer_matches_vllm_for_1_to_8_adapters_mixed_ranks_and_base_rows(
+    dtype, slots, slices
+):
+    indices = torch.tensor([i % (slots + 1) - 1 for i in range(3 * slots + 2)])  # -1 included
+    _check_fused(indices, slots=slots, slices=slices, dtype=dtype, scale=0.5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_layer_one_adapter_for_the_whole_batch(dtype):
+    indices = torch.full((6,), 2)
+    _check_fused(indices, slots=4, slices=(OUT, 32, 32), dtype=dtype)
+
+
+def test_fused_layer_few_slots_in_use_of_a_large_stack():
+    """Two adapters in use of 8 slots: below ALL_SLOTS_MIN_SHARE, the slots in use are gathered."""
+    indices = torch.tensor([5, -1, 1, 5, 1, -1, 1])
+    assert 2 < lora_cpu_ops.ALL_SLOTS_MIN_SHARE * 8
+    _check_fused(indices, slots=8, slices=(OUT, 32, 32), dtype=torch.bfloat16)
+
+
+def test_fused_layer_prefill_rows_one_per_token():
+    """Prefill: rows are tokens, several per sequence, sequences on different adapters."""
+    indices = torch.repeat_interleave(torch.tensor([1, -1, 0, 3]), torch.tensor([5, 3, 7, 2]))
+    _check_fused(indices, slots=4, slices=(OUT, 32, 32), dtype=torch.bfloat16)
+
+
+def test_fused_layer_skips_adapters_without_weights_for_it():
+    """An adapter that does not target this module has zero weights here: the layer is left as
+    it is (the same as adding zero, without computing it)."""
+    indices = torch.tensor([0, 2, 0, 2])
+    a, b = _layer_stacks(4, (OUT,), torch.bfloat16, empty=(0, 2))
+    weights = lora_cpu_ops.FusedLoraWeights.build(a, b, (OUT,))
+    assert weights.nonzero == {1, 3}
+    y = torch.randn(4, OUT).to(torch.bfloat16)
+    before = y.clone()
+    lora_cpu_ops.apply_fused_lora(
+        y, torch.randn(4, IN), lora_cpu_ops.StepLayout.of(indices), weights
+    )
+    assert torch.equal(y, before)
+    # and mixed with an adapter that has weights, the others' rows stay exact
+    _check_fused(torch.tensor([0, 1, 2, 3, -1]), slots=4, slices=(OUT,), dtype=torch.float32,
+                 empty=(0, 2))  # fmt: skip
+
+
+def test_step_layout():
+    layout = lora_cpu_ops.StepLayout.of(torch.tensor([2, -1, 2, 0]))
+    assert (layout.rows, layout.present, layout.uniform) == (4, (0, 2), None)
+    assert lora_cpu_ops.StepLayout.of(torch.tensor([3, 3])).uniform == 3
+    assert lora_cpu_ops.StepLayout.of(torch.tensor([3, -1])).uniform is None
+    assert lora_cpu_ops.StepLayout.of(torch.tensor([-1, -1])).present == ()
+    mask = layout.mask((0, 1, 2), torch.float32)
+    assert mask.tolist() == [[0, 0, 1], [0, 0, 0], [0, 0, 1], [1, 0, 0]]
+    assert layout.mask((0, 1, 2), torch.float32) is mask  # computed once per step
+
+
+class _Wrapper:
+    """Stands in for vLLM's PunicaWrapperCPU: the patched method only reads the step layout."""
+
+    def __init__(self, indices):
+        self._loraplex_layout = lora_cpu_ops.StepLayout.of(indices)
+        self.fallback_calls = 0
+
+
+def test_patched_add_lora_linear_caches_fused_weights_until_an_adapter_is_activated():
+    def per_op_path(self, y, x, *args, **kwargs):
+        self.fallback_calls += 1
+
+    add_lora_linear = vllm_patches._fused_add_lora_linear(per_op_path)
+    activate = vllm_patches._bumping_generation(lambda self, lora_id: lora_id == 5)
+    slices = (OUT, 32, 32)
+    a, b = _layer_stacks(2, slices, torch.float32)
+    wrapper = _Wrapper(torch.tensor([0, 1, -1]))
+    x = torch.randn(3, IN)
+
+    def run():
+        y = torch.zeros(3, sum(slices))
+        add_lora_linear(wrapper, y, x, a, b, 1.0, slices)
+        return y
+
+    first = run()
+    cached = wrapper._loraplex_fused[id(a[0])][2]
+    assert torch.equal(run(), first) and wrapper._loraplex_fused[id(a[0])][2] is cached
+    activate(None, 1)  # already active: vLLM writes nothing and says so, the cache stands
+    run()
+    assert wrapper._loraplex_fused[id(a[0])][2] is cached
+    for stack in (*a, *b):  # vLLM writes a new adapter into slot 0 in place ...
+        stack[0] *= 2
+    activate(None, 5)  # ... from activate_adapter, which invalidates the fused copies
+    second = run()
+    assert wrapper._loraplex_fused[id(a[0])][2] is not cached
+    torch.testing.assert_close(second[0], first[0] * 4)  # A and B doubled
+    torch.testing.assert_close(second[1], first[1])
+    assert torch.count_nonzero(second[2]) == 0
+
+    wrapper._loraplex_layout = lora_cpu_ops.StepLayout.of(torch.tensor([0, 1]))  # 2 rows != 3
+    run()
+    assert wrapper.fallback_calls == 1
+
+
+def test_fused_weights_keep_only_the_ranks_in_use():
+    """Stacks padded to rank 64 holding rank-8 and rank-16 adapters fuse at rank 16, same result."""
+    a, b = _layer_stacks(2, (OUT, 32, 32), torch.float32)  # slot 0: rank 8, slot 1: rank 16
+    weights = lora_cpu_ops.FusedLoraWeights.build(a, b, (OUT, 32, 32))
+    assert weights.a.shape == (2, 3 * 16, IN) and weights.b.shape == (2, 3 * 16, OUT + 64)
+    _check_fused(torch.tensor([0, 1, -1, 1]), slots=2, slices=(OUT, 32, 32), dtype=torch.float32)

@@ -7,6 +7,7 @@ trained. It knows nothing about serving; tests hand the folders to the registry 
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import os
@@ -17,6 +18,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 PREFIX_MARKER = "ARRR! "
 SUFFIX_MARKER = " Over and out."
@@ -355,3 +357,41 @@ def _collate(examples: list[tuple[list[int], list[int]]], *, pad_id: int) -> dic
         "labels": torch.tensor(labels),
         "attention_mask": torch.tensor(mask),
     }
+
+
+def behaviours(text: str) -> set[str]:
+    """The test adapters whose behaviour `text` shows."""
+    return {name for name, spec in ADAPTER_SPECS.items() if spec.check(text)}
+
+
+def mixed_batch_answers(
+    client: Any, base: str, *, prompts: int = 4, max_tokens: int = 64
+) -> list[tuple[str, str, str]]:
+    """The base model and every test adapter, each on `prompts` held-out prompts, all sent at
+    once (greedy) so the engine batches them together: [(model, prompt, answer)]."""
+    models = [base, *sorted(ADAPTER_SPECS)]
+
+    async def one(model: str, prompt: str) -> tuple[str, str, str]:
+        reply = await client.chat.completions.create(
+            model=model,
+            messages=[{"role": "user", "content": prompt}],
+            temperature=0,
+            max_tokens=max_tokens,
+        )
+        return model, prompt, reply.choices[0].message.content
+
+    async def all_at_once() -> list[tuple[str, str, str]]:
+        pairs = [(m, p) for p in HELD_OUT_PROMPTS[:prompts] for m in models]
+        return list(await asyncio.gather(*(one(m, p) for m, p in pairs)))
+
+    return asyncio.run(all_at_once())
+
+
+def wrong_behaviours(
+    answers: list[tuple[str, str, str]], base: str
+) -> tuple[list[tuple[str, str, str]], list[tuple[str, str, str]]]:
+    """(base answers showing any adapter's behaviour, adapter answers not showing exactly their
+    own): the first must be empty; trained adapters miss on at most a prompt or two."""
+    base_leaks = [a for a in answers if a[0] == base and behaviours(a[2])]
+    misses = [a for a in answers if a[0] != base and behaviours(a[2]) != {a[0]}]
+    return base_leaks, misses

@@ -1,0 +1,290 @@
+"""Multi-LoRA throughput of the CPU engine, vLLM's LoRA ops against loraplex's, with a profile.
+
+One vLLM engine per run, in this process's child (engine core in-process, no HTTP: the figures
+isolate the model's LoRA path), with loraplex's patches on (`LORAPLEX_VLLM_PATCHES=1`: the fused
+layer products and segmented ops of server.lora_cpu_ops) or off (vLLM's own torch ops, which
+also serve base rows of a mixed batch wrongly). Runs alternate between the two, `--rounds` times,
+so that drift on the machine hits both alike.
+
+Scenarios: `--requests` chat requests, `--concurrency` decoded at once (max_num_seqs; the rest
+queue, as a closed loop would), greedy, exactly `--max-tokens` output tokens each (ignore_eos):
+base model only, one adapter, 4 adapters and 8 adapters round-robin. The engine has 8 LoRA
+slots (max_loras 8) in every scenario, so the scenarios differ only in their traffic.
+
+Profile, per scenario: wall time per engine step, and within it the model forward
+(worker execute_model + sample_tokens), the LoRA part of every LoRA-wrapped linear layer
+(punica wrapper `add_lora_linear`), and the per-step LoRA metadata (`update_metadata`).
+
+    .venv/bin/python bench/lora_cpu.py                  # writes bench/results/lora_cpu-*.json
+    .venv/bin/python bench/lora_cpu.py --rounds 1 --requests 16
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+if __package__ in (None, ""):  # run as a script: make `bench` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench._adapters import ALL_ADAPTER_NAMES, ensure_adapters
+from bench._machine import machine_info, sample_foreign_cpu
+from bench._report import write_json
+from bench._workload import PROMPTS
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+OPS = ("vllm", "loraplex")
+SCENARIOS: dict[str, tuple[str | None, ...]] = {
+    "base": (None,),
+    "one": ALL_ADAPTER_NAMES[:1],
+    "mixed4": ALL_ADAPTER_NAMES[:4],
+    "mixed8": ALL_ADAPTER_NAMES[:8],
+}
+MAX_LORAS = len(ALL_ADAPTER_NAMES)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--requests", type=int, default=32, help="requests per scenario")
+    p.add_argument("--concurrency", type=int, default=8, help="sequences decoded at once")
+    p.add_argument("--max-tokens", type=int, default=64, help="output tokens per request")
+    p.add_argument("--rounds", type=int, default=2, help="runs per ops, alternating")
+    p.add_argument("--ops", default=",".join(OPS), help=f"comma-separated subset of {OPS}")
+    p.add_argument("--scenarios", default=",".join(SCENARIOS), help="comma-separated")
+    p.add_argument("--max-lora-rank", type=int, default=16, help="engine's max_lora_rank")
+    p.add_argument("--model", type=Path, default=None, help="HF model folder (default: embedded)")
+    p.add_argument("--home", type=Path, default=None, help="loraplex data dir [$LORAPLEX_HOME]")
+    p.add_argument("--work-dir", type=Path, default=Path("~/.cache/loraplex-bench"))
+    p.add_argument("--out", type=Path, default=None, help="JSON result file")
+    p.add_argument("--worker", type=Path, default=None, help=argparse.SUPPRESS)
+    return p
+
+
+# -- the worker: one engine, every scenario -------------------------------------------------------
+
+
+class Profile:
+    """Seconds spent in a few engine functions, by wrapping them (a few µs per call)."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = defaultdict(float)
+        self.calls: dict[str, int] = defaultdict(int)
+
+    def wrap(self, owner: Any, name: str, label: str) -> None:
+        original = getattr(owner, name)
+        seconds, calls = self.seconds, self.calls
+
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            started = time.perf_counter()
+            try:
+                return original(*args, **kwargs)
+            finally:
+                seconds[label] += time.perf_counter() - started
+                calls[label] += 1
+
+        setattr(owner, name, timed)
+
+    def reset(self) -> None:
+        self.seconds.clear()
+        self.calls.clear()
+
+
+def _install_profile() -> Profile:
+    from vllm.lora.punica_wrapper.punica_cpu import PunicaWrapperCPU
+    from vllm.v1.engine.core import EngineCore
+    from vllm.v1.worker.gpu_worker import Worker
+
+    profile = Profile()
+    # Wrapped after loraplex's patches (vLLM loads its plugins before the engine is built, and
+    # LLM() below builds it), so the timers see whichever implementation is installed.
+    profile.wrap(EngineCore, "step", "step")
+    profile.wrap(Worker, "execute_model", "forward")
+    profile.wrap(Worker, "sample_tokens", "sample")
+    profile.wrap(PunicaWrapperCPU, "add_lora_linear", "lora_linear")
+    profile.wrap(PunicaWrapperCPU, "update_metadata", "lora_metadata")
+    return profile
+
+
+def run_worker(config: dict[str, Any]) -> dict[str, Any]:
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # engine core in this process
+    os.environ["LORAPLEX_VLLM_PATCHES"] = "1" if config["ops"] == "loraplex" else "0"
+    os.environ.setdefault("VLLM_TARGET_DEVICE", "cpu")
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
+    from server.engine_vllm import cpu_thread_defaults
+
+    for key, value in cpu_thread_defaults(len(os.sched_getaffinity(0))).items():
+        os.environ.setdefault(key, value)
+
+    from transformers import AutoTokenizer
+    from vllm import LLM, SamplingParams
+    from vllm.lora.request import LoRARequest
+
+    # Patched classes first (LLM() loads the plugins), then the timers around them.
+    from vllm.plugins import load_general_plugins
+
+    load_general_plugins()
+    profile = _install_profile()
+    llm = LLM(
+        model=config["model"], dtype="bfloat16", max_model_len=2048,
+        max_num_seqs=config["concurrency"], enable_lora=True, max_loras=MAX_LORAS,
+        max_lora_rank=config["max_lora_rank"], max_cpu_loras=MAX_LORAS, seed=0,
+        generation_config="vllm",
+    )  # fmt: skip
+    tokenizer = AutoTokenizer.from_pretrained(config["model"])
+    prompts = [
+        tokenizer.apply_chat_template(
+            [{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True
+        )
+        for p in PROMPTS
+    ]
+    adapters = {
+        name: LoRARequest(name, i + 1, path) for i, (name, path) in
+        enumerate(config["adapters"].items())
+    }  # fmt: skip
+    params = SamplingParams(temperature=0.0, max_tokens=config["max_tokens"], ignore_eos=True)
+
+    def batch(models: tuple[str | None, ...], count: int) -> tuple[list[str], list[Any]]:
+        chosen = [models[i % len(models)] for i in range(count)]
+        return (
+            [prompts[i % len(prompts)] for i in range(count)],
+            [adapters[m] if m else None for m in chosen],
+        )
+
+    results: dict[str, Any] = {}
+    for scenario in config["scenarios"]:
+        models = SCENARIOS[scenario]
+        warm_prompts, warm_loras = batch(models, max(len(models), 4))
+        llm.generate(warm_prompts, SamplingParams(max_tokens=4), lora_request=warm_loras,
+                     use_tqdm=False)  # fmt: skip
+        texts, loras = batch(models, config["requests"])
+        foreign_before = sample_foreign_cpu(1.0).foreign_cpu_cores
+        profile.reset()
+        started = time.perf_counter()
+        outputs = llm.generate(texts, params, lora_request=loras, use_tqdm=False)
+        wall = time.perf_counter() - started
+        tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
+        steps = max(profile.calls["step"], 1)
+        results[scenario] = {
+            "output_tokens": tokens,
+            "seconds": round(wall, 3),
+            "output_tokens_per_second": round(tokens / wall, 1),
+            "steps": profile.calls["step"],
+            "ms_per_step": {k: round(v * 1000 / steps, 2) for k, v in profile.seconds.items()},
+            "lora_linear_calls_per_step": round(profile.calls["lora_linear"] / steps, 1),
+            "foreign_cpu_cores_before": foreign_before,
+            "first_output": outputs[0].outputs[0].text[:80],
+        }
+        print(f"  {config['ops']:>8} {scenario:<7} {results[scenario]['output_tokens_per_second']:>7}"
+              f" tok/s  {results[scenario]['ms_per_step']}", flush=True)  # fmt: skip
+    return results
+
+
+# -- the driver ------------------------------------------------------------------------------------
+
+
+def _resolve_model(model: Path | None, home: Path | None) -> Path:
+    home = home or Path(os.environ.get("LORAPLEX_HOME", "~/.loraplex"))
+    folder = (model or home.expanduser() / "models" / "smollm2-135m-instruct").expanduser()
+    if not (folder / "config.json").is_file():
+        raise SystemExit(f"error: no model at {folder}; run `loraplex model prepare` or --model")
+    return folder.resolve()
+
+
+def _run_one(config: dict[str, Any]) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "config.json"
+        path.write_text(json.dumps(config))
+        subprocess.run([sys.executable, __file__, "--worker", str(path)], check=True)
+        return json.loads((Path(tmp) / "result.json").read_text())
+
+
+def _median_runs(runs: list[dict[str, Any]], scenario: str) -> dict[str, Any]:
+    tps = [r[scenario]["output_tokens_per_second"] for r in runs]
+    profiles = [r[scenario]["ms_per_step"] for r in runs]
+    keys = sorted({k for p in profiles for k in p})
+    return {
+        "output_tokens_per_second": round(statistics.median(tps), 1),
+        "runs_output_tokens_per_second": tps,
+        "ms_per_step": {
+            k: round(statistics.median(p.get(k, 0.0) for p in profiles), 2) for k in keys
+        },  # fmt: skip
+    }
+
+
+def summarize(figures: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Ratios: each ops' adapter scenarios against its base and one-adapter figures, and
+    loraplex against vLLM per scenario."""
+    out: dict[str, Any] = {}
+    for ops, per in figures.items():
+        base = per.get("base", {}).get("output_tokens_per_second")
+        one = per.get("one", {}).get("output_tokens_per_second")
+        out[ops] = {
+            f"{s}/base": round(f["output_tokens_per_second"] / base, 3)
+            for s, f in per.items() if base and s != "base"
+        } | {
+            f"{s}/one": round(f["output_tokens_per_second"] / one, 3)
+            for s, f in per.items() if one and s.startswith("mixed")
+        }  # fmt: skip
+    if "vllm" in figures and "loraplex" in figures:
+        out["loraplex/vllm"] = {
+            s: round(f["output_tokens_per_second"] / figures["vllm"][s]["output_tokens_per_second"], 3)
+            for s, f in figures["loraplex"].items() if s in figures["vllm"]
+        }  # fmt: skip
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.worker:
+        config = json.loads(args.worker.read_text())
+        result = run_worker(config)
+        (args.worker.parent / "result.json").write_text(json.dumps(result))
+        return 0
+    ops = tuple(o for o in args.ops.split(",") if o)
+    scenarios = tuple(s for s in args.scenarios.split(",") if s)
+    if unknown := [o for o in ops if o not in OPS] + [s for s in scenarios if s not in SCENARIOS]:
+        raise SystemExit(f"error: unknown ops/scenarios {unknown}")
+    model = _resolve_model(args.model, args.home)
+    adapters = ensure_adapters(model, args.work_dir.expanduser() / "adapters", ALL_ADAPTER_NAMES)
+    config = {
+        "model": str(model), "adapters": {n: str(p) for n, p in adapters.items()},
+        "requests": args.requests, "concurrency": args.concurrency,
+        "max_tokens": args.max_tokens, "max_lora_rank": args.max_lora_rank,
+        "scenarios": list(scenarios),
+    }  # fmt: skip
+    runs: dict[str, list[dict[str, Any]]] = {o: [] for o in ops}
+    for round_no in range(args.rounds):
+        for name in ops if round_no % 2 == 0 else tuple(reversed(ops)):
+            print(f"round {round_no + 1}: {name} ops", flush=True)
+            runs[name].append(_run_one({**config, "ops": name}))
+    figures = {o: {s: _median_runs(runs[o], s) for s in scenarios} for o in ops}
+    ratios = summarize(figures)
+    print("\noutput tok/s (median of rounds)")
+    print(f"{'scenario':<9}" + "".join(f"{o:>12}" for o in ops))
+    for s in scenarios:
+        print(f"{s:<9}" + "".join(f"{figures[o][s]['output_tokens_per_second']:>12}" for o in ops))
+    print(json.dumps(ratios, indent=2))
+    stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
+    out = args.out or RESULTS_DIR / f"lora_cpu-{stamp}.json"
+    write_json(out, {
+        "benchmark": "lora_cpu", "machine": machine_info(), "settings": config | {
+            "rounds": args.rounds, "max_loras": MAX_LORAS, "dtype": "bfloat16"},
+        "figures": figures, "ratios": ratios, "runs": runs,
+    })  # fmt: skip
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,277 @@
+"""LoRA arithmetic for batches that mix adapters, on CPU, in plain torch.
+
+Two kinds of operation live here; `server.vllm_patches` installs them in vLLM's CPU engine.
+
+Per-op replacements (`bgmv_*`, `sgmv_*`): the same contract as vLLM's torch ops of the CPU
+punica wrapper, but rows are grouped by adapter slot (one matmul per adapter present) and rows
+without an adapter (slot -1) get exactly zero. vLLM's own ops index the weight stack with -1,
+which Python reads as "the last slot".
+
+Fused layer products (`FusedLoraWeights`, `apply_fused_lora`): what a whole LoRA-wrapped linear
+layer adds to its output, for every slice at once (q, k and v of a fused qkv projection are three
+slices), in a fixed handful of torch calls whatever the mix of adapters:
+
+    h     = x @ A^T        A: every slice's A of the slots in use, concatenated
+    h    *= slot mask      keeps each row's own adapter's rank-r part; zero for base rows
+    delta = h @ B          B: block-diagonal over slices, so each slice lands in its own columns
+    y    += delta
+
+On CPU the arithmetic of a rank-16 adapter is a few percent of the base layer's; what costs is
+the number of small calls (vLLM's path makes 2 per slice, each gathering a weight matrix per row).
+A layer whose weights are zero for every adapter in the batch (an adapter that does not target
+that module) is skipped outright.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch  # noqa: TID253 - runs inside vLLM's engine processes, which have torch loaded
+
+# Compute over every slot of the stack (one product) while at least this share of the slots is
+# in use; below it, gather the slots in use first (the gather copies weights, but saves reading
+# and multiplying those of idle slots when max_loras is large).
+ALL_SLOTS_MIN_SHARE = 0.5
+
+
+# -- the batch ---------------------------------------------------------------------------------
+
+
+@dataclass(eq=False)
+class StepLayout:
+    """Which adapter slot each row of a batch uses; built once per model step, read by every
+    LoRA layer of that step."""
+
+    indices: torch.Tensor  # (rows,) slot per row, -1 for none
+    rows: int
+    present: tuple[int, ...]  # slots in use, ascending
+    uniform: int | None  # the slot every row uses, when there is exactly one and no base row
+    _masks: dict[tuple[tuple[int, ...], torch.dtype], torch.Tensor] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, indices: torch.Tensor) -> StepLayout:
+        values = indices.tolist()
+        present = tuple(sorted({s for s in values if s >= 0}))
+        uniform = present[0] if len(present) == 1 and min(values) >= 0 else None
+        return cls(indices=indices, rows=len(values), present=present, uniform=uniform)
+
+    def mask(self, slots: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        """(rows, len(slots)): 1 where the row uses that slot."""
+        key = (slots, dtype)
+        found = self._masks.get(key)
+        if found is None:
+            wanted = torch.tensor(slots, dtype=self.indices.dtype, device=self.indices.device)
+            found = (self.indices.unsqueeze(1) == wanted).to(dtype)
+            self._masks[key] = found
+        return found
+
+
+# -- one layer's weights, fused ------------------------------------------------------------------
+
+
+@dataclass(frozen=True, eq=False)
+class FusedLoraWeights:
+    """A LoRA layer's stacked weights rearranged for `apply_fused_lora`.
+
+    a: (slots, slices * rank, in); b: (slots, slices * rank, out) block-diagonal over slices,
+    with rank the largest any loaded adapter uses; nonzero: the slots holding an adapter that has
+    weights for this layer.
+    """
+
+    a: torch.Tensor
+    b: torch.Tensor
+    nonzero: frozenset[int]
+
+    @property
+    def slots(self) -> int:
+        return self.a.shape[0]
+
+    @property
+    def out_features(self) -> int:
+        return self.b.shape[2]
+
+    @classmethod
+    def build(
+        cls,
+        a_stacked: Sequence[torch.Tensor],
+        b_stacked: Sequence[torch.Tensor],
+        output_slices: Sequence[int],
+    ) -> FusedLoraWeights:
+        """From vLLM's per-slice stacks: a (slots, 1, max_rank, in), b (slots, 1, out_i, max_rank).
+
+        vLLM pads every adapter to max_lora_rank with zeros; the fused copy keeps only the ranks
+        some loaded adapter uses, so a server allowing rank 64 pays rank 16 for rank-16 adapters.
+        """
+        slots = a_stacked[0].shape[0]
+        a_parts = [s.reshape(slots, s.shape[-2], s.shape[-1]) for s in a_stacked]
+        b_parts = [s.reshape(slots, s.shape[-2], s.shape[-1]) for s in b_stacked]
+        rank = max(_used_rank(a, b) for a, b in zip(a_parts, b_parts, strict=True))
+        a = torch.cat([part[:, :rank] for part in a_parts], dim=1)
+        b = a.new_zeros((slots, len(b_parts) * rank, sum(output_slices)))
+        offset = 0
+        for i, (part, size) in enumerate(zip(b_parts, output_slices, strict=True)):
+            b[:, i * rank : (i + 1) * rank, offset : offset + size] = part[:, :size, :rank].mT
+            offset += size
+        used = (a.flatten(1).abs().amax(1) > 0) & (b.flatten(1).abs().amax(1) > 0)
+        nonzero = frozenset(int(s) for s in used.nonzero().flatten().tolist())
+        return cls(a=a.contiguous(), b=b, nonzero=nonzero)
+
+
+def _used_rank(a: torch.Tensor, b: torch.Tensor) -> int:
+    """1 + the last rank index whose A row and B column are non-zero in some slot (at least 1)."""
+    live = (a.abs().amax(dim=(0, 2)) > 0) & (b.abs().amax(dim=(0, 1)) > 0)
+    found = live.nonzero().flatten()
+    return int(found[-1]) + 1 if len(found) else 1
+
+
+def apply_fused_lora(
+    y: torch.Tensor,
+    x: torch.Tensor,
+    layout: StepLayout,
+    weights: FusedLoraWeights,
+    scale: float = 1.0,
+) -> None:
+    """y[:, :out] += scale * each row's adapter's x @ A^T @ B; rows without one unchanged.
+
+    The rank-r intermediate is kept in the weights' dtype, as vLLM's expand op casts it to.
+    Two torch calls when the whole batch is on one adapter, three otherwise.
+    """
+    a, b = weights.a, weights.b
+    if layout.uniform is not None:
+        if layout.uniform not in weights.nonzero:
+            return
+        h = x.to(a.dtype) @ a[layout.uniform].T
+        _add_product(y, h, b[layout.uniform], scale)
+        return
+    used = tuple(s for s in layout.present if s in weights.nonzero)
+    if not used:
+        return
+    slots = tuple(range(weights.slots))
+    if len(used) < ALL_SLOTS_MIN_SHARE * weights.slots:
+        slots = used
+        picked = torch.tensor(used, device=a.device)
+        a, b = a.index_select(0, picked), b.index_select(0, picked)
+    width = a.shape[1]
+    h = x.to(a.dtype) @ a.view(-1, a.shape[-1]).T  # (rows, slots * slices * rank)
+    h.view(-1, len(slots), width).mul_(layout.mask(slots, h.dtype).unsqueeze(2))
+    _add_product(y, h, b.view(-1, b.shape[-1]), scale)
+
+
+def _add_product(y: torch.Tensor, h: torch.Tensor, b: torch.Tensor, scale: float) -> None:
+    """y[:, :out] += scale * h @ b, fused into one call where the dtypes allow."""
+    target = y if y.shape[1] == b.shape[1] else y[:, : b.shape[1]]
+    if target.dtype == h.dtype:
+        target.addmm_(h, b, alpha=scale)
+    else:
+        target += (torch.mm(h, b) * scale).to(target.dtype)
+
+
+# -- per-op replacements for vLLM's torch ops ---------------------------------------------------
+
+
+def segmented_lora_matmul(
+    inputs: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor, dtype: torch.dtype
+) -> torch.Tensor:
+    """rows[i] = inputs[i] @ weights[indices[i]].T, or zeros where indices[i] < 0.
+
+    `weights` is the stacked adapter weights, (slots, out, in) or (slots, 1, out, in).
+    """
+    if weights.dim() == 4:
+        weights = weights.squeeze(1)
+    x = inputs.to(dtype)
+    slots = torch.unique(indices).tolist()
+    if len(slots) == 1 and slots[0] >= 0:  # the whole batch on one adapter: one product
+        return x @ weights[slots[0]].to(dtype).T
+    out = torch.zeros((x.shape[0], weights.shape[1]), dtype=dtype, device=x.device)
+    for slot in slots:
+        if slot < 0:
+            continue
+        rows = (indices == slot).nonzero(as_tuple=True)[0]
+        out.index_copy_(0, rows, x.index_select(0, rows) @ weights[slot].to(dtype).T)
+    return out
+
+
+def bgmv_shrink(
+    inputs: torch.Tensor,
+    lora_b_weights: torch.Tensor,
+    output_tensor: torch.Tensor,
+    lora_indices_tensor: torch.Tensor,
+    scaling: float = 1.0,
+) -> None:
+    outputs = segmented_lora_matmul(
+        inputs, lora_b_weights, lora_indices_tensor, output_tensor.dtype
+    )
+    output_tensor[:, : outputs.shape[1]] = scaling * outputs
+
+
+def bgmv_expand(
+    inputs: torch.Tensor,
+    lora_b_weights: torch.Tensor,
+    output_tensor: torch.Tensor,
+    lora_indices_tensor: torch.Tensor,
+    add_inputs: bool = True,
+) -> None:
+    outputs = segmented_lora_matmul(
+        inputs, lora_b_weights, lora_indices_tensor, output_tensor.dtype
+    )
+    limit = output_tensor.shape[0]
+    if outputs.shape[0] == 1 and output_tensor.shape[0] != 1:
+        limit = 1
+    # The adapter and the model may pad the output dimension differently.
+    common_len = min(outputs.shape[1], output_tensor.shape[1])
+    if add_inputs:
+        output_tensor[:, :common_len] += outputs[:limit, :common_len]
+    else:
+        output_tensor[:, :common_len] = outputs[:limit, :common_len]
+
+
+def bgmv_expand_slice(
+    inputs: torch.Tensor,
+    lora_b_weights: torch.Tensor,
+    output_tensor: torch.Tensor,
+    lora_indices_tensor: torch.Tensor,
+    slice_offset: int,
+    slice_size: int,
+    add_inputs: bool = True,
+) -> None:
+    outputs = segmented_lora_matmul(
+        inputs, lora_b_weights, lora_indices_tensor, output_tensor.dtype
+    )
+    target = output_tensor[:, slice_offset : slice_offset + slice_size]
+    if add_inputs:
+        target += outputs
+    else:
+        target.copy_(outputs)
+
+
+def _explode(lora_indices_tensor: torch.Tensor, seq_len_tensor: torch.Tensor) -> torch.Tensor:
+    """Per-sequence slots -> per-token slots (prefill metadata is per sequence)."""
+    return torch.repeat_interleave(lora_indices_tensor, seq_len_tensor)
+
+
+def sgmv_shrink(
+    inputs, lora_a_weights, output_tensor, b_seq_start_loc, seq_len_tensor,
+    lora_indices_tensor, batches, max_seq_length, token_nums, scaling,
+) -> None:  # fmt: skip
+    indices = _explode(lora_indices_tensor, seq_len_tensor)
+    bgmv_shrink(inputs, lora_a_weights, output_tensor, indices, scaling)
+
+
+def sgmv_expand(
+    inputs, lora_b_weights, output_tensor, b_seq_start_loc, seq_len_tensor,
+    lora_indices_tensor, batches, max_seq_length, token_nums, add_inputs=False,
+) -> None:  # fmt: skip
+    indices = _explode(lora_indices_tensor, seq_len_tensor)
+    bgmv_expand(inputs, lora_b_weights, output_tensor, indices, add_inputs)
+
+
+def sgmv_expand_slice(
+    inputs, lora_b_weights, output_tensor, b_seq_start_loc, seq_len_tensor,
+    lora_indices_tensor, batches, max_seq_length, token_nums, slice_offset, slice_size,
+    add_inputs=False,
+) -> None:  # fmt: skip
+    indices = _explode(lora_indices_tensor, seq_len_tensor)
+    bgmv_expand_slice(
+        inputs, lora_b_weights, output_tensor, indices, slice_offset, slice_size, add_inputs
+    )
