@@ -1,10 +1,14 @@
 """Multi-LoRA throughput of the CPU engine, vLLM's LoRA ops against loraplex's, with a profile.
 
 One vLLM engine per run, in this process's child (engine core in-process, no HTTP: the figures
-isolate the model's LoRA path), with loraplex's patches on (`LORAPLEX_VLLM_PATCHES=1`: the fused
-layer products and segmented ops of server.lora_cpu_ops) or off (vLLM's own torch ops, which
-also serve base rows of a mixed batch wrongly). Runs alternate between the two, `--rounds` times,
-so that drift on the machine hits both alike.
+isolate the model's LoRA path), with LoRA ops:
+
+  vllm       vLLM's own torch ops (which also serve base rows of a mixed batch wrongly)
+  segmented  loraplex's per-op replacements only (one matmul per adapter present, per op)
+  loraplex   what `loraplex serve` runs: fused per-layer products + the per-op replacements
+
+Runs cycle through them `--rounds` times, the order reversed every other round, so that drift
+on the machine hits all alike.
 
 Scenarios: `--requests` chat requests, `--concurrency` decoded at once (max_num_seqs; the rest
 queue, as a closed loop would), greedy, exactly `--max-tokens` output tokens each (ignore_eos):
@@ -43,7 +47,7 @@ from bench._report import write_json
 from bench._workload import PROMPTS
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
-OPS = ("vllm", "loraplex")
+OPS = ("vllm", "segmented", "loraplex")
 SCENARIOS: dict[str, tuple[str | None, ...]] = {
     "base": (None,),
     "one": ALL_ADAPTER_NAMES[:1],
@@ -59,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--concurrency", type=int, default=8, help="sequences decoded at once")
     p.add_argument("--max-tokens", type=int, default=64, help="output tokens per request")
     p.add_argument("--rounds", type=int, default=2, help="runs per ops, alternating")
-    p.add_argument("--ops", default=",".join(OPS), help=f"comma-separated subset of {OPS}")
+    p.add_argument("--ops", default="vllm,loraplex", help=f"comma-separated subset of {OPS}")
     p.add_argument("--scenarios", default=",".join(SCENARIOS), help="comma-separated")
     p.add_argument("--max-lora-rank", type=int, default=16, help="engine's max_lora_rank")
     p.add_argument("--model", type=Path, default=None, help="HF model folder (default: embedded)")
@@ -117,7 +121,7 @@ def _install_profile() -> Profile:
 
 def run_worker(config: dict[str, Any]) -> dict[str, Any]:
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # engine core in this process
-    os.environ["LORAPLEX_VLLM_PATCHES"] = "1" if config["ops"] == "loraplex" else "0"
+    os.environ["LORAPLEX_VLLM_PATCHES"] = "0" if config["ops"] == "vllm" else "1"
     os.environ.setdefault("VLLM_TARGET_DEVICE", "cpu")
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
@@ -134,6 +138,10 @@ def run_worker(config: dict[str, Any]) -> dict[str, Any]:
     from vllm.plugins import load_general_plugins
 
     load_general_plugins()
+    if config["ops"] == "segmented":  # loraplex's per-op replacements only, no fused products
+        from vllm.lora.punica_wrapper.punica_cpu import PunicaWrapperCPU
+
+        PunicaWrapperCPU.add_lora_linear = PunicaWrapperCPU.add_lora_linear.__wrapped__
     profile = _install_profile()
     llm = LLM(
         model=config["model"], dtype="bfloat16", max_model_len=2048,

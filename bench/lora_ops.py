@@ -4,13 +4,14 @@ vLLM's CPU LoRA layers call a shrink and an expand op for every slice of every l
 LoRA wraps (q/k/v, o, gate/up, down: 7 slices x 2 ops x 30 layers for SmolLM2-135M), whatever
 modules the adapter targets. This replays exactly those calls, with the real weight-stack shapes
 (max_loras slots of rank 16, bf16, fp32 intermediate buffer), on one thread like vLLM's CPU
-worker, for three implementations:
+worker, for these implementations:
 
-  vllm      vLLM's torch ops (gather each row's weights, einsum); rows without adapter are wrong
-  loraplex  server.vllm_patches (group rows by slot: one matmul per adapter present)
-  stacked   bench/_lora_stacked.py: one matmul for all slots at once, a one-hot slot mask
-            picks each row's part (one matmul per op when every row is on the same adapter)
-  harness   no LoRA at all: the replay's own cost (buffer allocation), to subtract
+  vllm       vLLM's torch ops (gather each row's weights, einsum); rows without adapter are wrong
+  segmented  server.lora_cpu_ops per-op replacements (one matmul per adapter present, per op)
+  loraplex   server.lora_cpu_ops fused layer products (all slices of a layer at once; the batch's
+             slot layout once per step, fused weights once per adapter activation), as
+             `loraplex serve` runs them
+  harness    no LoRA at all: the replay's own cost (buffer allocation), to subtract
 
 and for decode (8 rows) and prefill (8 prompts of 40 tokens) batches with rows on no adapter,
 one adapter, or 4 adapters round-robin. It checks the three agree where vLLM's is right.
@@ -45,24 +46,42 @@ LAYER_SHAPES: tuple[tuple[int, tuple[int, ...]], ...] = (
 
 @dataclass(frozen=True, slots=True)
 class Ops:
+    """Per-op implementations, called per slice as vLLM's CPU punica wrapper calls them."""
+
     shrink: Callable[..., None]  # (x, a_stack, out_fp32, indices, scale)
     expand_slice: Callable[..., None]  # (x_fp32, b_stack, y, indices, offset, size, add)
+
+
+class Fused:
+    """server.lora_cpu_ops' fused layer products, as the patched `add_lora_linear` runs them."""
+
+    def __init__(self) -> None:
+        self._weights: dict[int, Any] = {}
+
+    def weights(self, layer: Layer) -> Any:
+        from server.lora_cpu_ops import FusedLoraWeights
+
+        found = self._weights.get(id(layer))
+        if found is None:  # built once per adapter activation in the engine
+            found = self._weights[id(layer)] = FusedLoraWeights.build(
+                layer.a, layer.b, layer.slices
+            )
+        return found
 
 
 def _no_op(*args: Any) -> None:
     pass
 
 
-def implementations() -> dict[str, Ops]:
+def implementations() -> dict[str, Ops | Fused]:
     from vllm.lora.ops.torch_ops import lora_ops as stock
 
-    import server.vllm_patches as patched
-    from bench import _lora_stacked as stacked
+    from server import lora_cpu_ops
 
     return {
         "vllm": Ops(stock.bgmv_shrink, stock.bgmv_expand_slice),
-        "loraplex": Ops(patched.bgmv_shrink, patched.bgmv_expand_slice),
-        "stacked": Ops(stacked.bgmv_shrink, stacked.bgmv_expand_slice),
+        "segmented": Ops(lora_cpu_ops.bgmv_shrink, lora_cpu_ops.bgmv_expand_slice),
+        "loraplex": Fused(),
         "harness": Ops(_no_op, _no_op),  # the replay's own cost (buffers), to subtract
     }
 
@@ -78,28 +97,44 @@ class Layer:
 
 
 def make_layers(*, slots: int, rank: int, attn_only: bool = False, seed: int = 0) -> list[Layer]:
+    """Every LoRA-wrapped layer; with `attn_only` the adapters target q/k/v/o only, so the MLP
+    layers' stacks stay zero (vLLM wraps them all the same)."""
     import torch
 
     gen = torch.Generator().manual_seed(seed)
-    shapes = LAYER_SHAPES[:2] if attn_only else LAYER_SHAPES
     layers = []
-    for in_size, slices in shapes * LAYERS:
+    for index, (in_size, slices) in enumerate(LAYER_SHAPES * LAYERS):
+        empty = attn_only and index % len(LAYER_SHAPES) >= 2
+        scale = 0.0 if empty else 0.05
         a = tuple(
-            (torch.randn(slots, 1, rank, in_size, generator=gen) * 0.05).to(torch.bfloat16)
+            (torch.randn(slots, 1, rank, in_size, generator=gen) * scale).to(torch.bfloat16)
             for _ in slices
         )
         b = tuple(
-            (torch.randn(slots, 1, out, rank, generator=gen) * 0.05).to(torch.bfloat16)
+            (torch.randn(slots, 1, out, rank, generator=gen) * scale).to(torch.bfloat16)
             for out in slices
         )
         layers.append(Layer(a=a, b=b, slices=slices))
     return layers
 
 
-def model_step(ops: Ops, layers: list[Layer], inputs: dict[int, Any], indices: Any) -> list[Any]:
+def model_step(
+    ops: Ops | Fused, layers: list[Layer], inputs: dict[int, Any], indices: Any
+) -> list[Any]:
     """Every LoRA call of one forward pass, as vLLM's CPU punica wrapper makes them."""
     import torch
 
+    if isinstance(ops, Fused):
+        from server.lora_cpu_ops import StepLayout, apply_fused_lora
+
+        layout = StepLayout.of(indices)  # once per step (update_metadata)
+        outputs = []
+        for layer in layers:
+            y = torch.zeros(indices.shape[0], sum(layer.slices), dtype=torch.bfloat16)
+            if layout.present:
+                apply_fused_lora(y, inputs[layer.a[0].shape[-1]], layout, ops.weights(layer))
+            outputs.append(y)
+        return outputs
     outputs = []
     rows = indices.shape[0]
     for layer in layers:
@@ -129,7 +164,7 @@ def row_indices(kind: str, rows: int, *, slots: int, per_row: int = 1) -> Any:
     return torch.tensor(per_seq, dtype=torch.long).repeat_interleave(per_row)
 
 
-def time_step(ops: Ops, layers: list[Layer], indices: Any, *, repeats: int) -> float:
+def time_step(ops: Ops | Fused, layers: list[Layer], indices: Any, *, repeats: int) -> float:
     import torch
 
     rows = indices.shape[0]
@@ -147,8 +182,10 @@ def time_step(ops: Ops, layers: list[Layer], indices: Any, *, repeats: int) -> f
     return statistics.median(times) * 1000
 
 
-def check_agreement(impls: dict[str, Ops], layers: list[Layer], *, slots: int) -> dict[str, float]:
-    """Largest difference from the loraplex ops, on a mixed batch without base rows."""
+def check_agreement(
+    impls: dict[str, Ops | Fused], layers: list[Layer], *, slots: int
+) -> dict[str, float]:
+    """Largest difference from the segmented ops, on a mixed batch without base rows."""
     import torch
 
     indices = row_indices("mixed", 8, slots=slots)
@@ -156,7 +193,7 @@ def check_agreement(impls: dict[str, Ops], layers: list[Layer], *, slots: int) -
     inputs = {
         s: torch.randn(8, s, generator=gen).to(torch.bfloat16) for s in (HIDDEN, INTERMEDIATE)
     }
-    reference = model_step(impls["loraplex"], layers[:8], inputs, indices)
+    reference = model_step(impls["segmented"], layers[:8], inputs, indices)
     diffs = {}
     for name, ops in impls.items():
         got = model_step(ops, layers[:8], inputs, indices)
@@ -174,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=1, help="torch threads (vLLM's worker: 1)")
     p.add_argument(
         "--attn-only", action="store_true",
-        help="LoRA on qkv/o only (vLLM's lora_target_modules), not gate_up/down",
+        help="adapters on q/k/v/o only: gate_up/down stay wrapped, their weights zero",
     )  # fmt: skip
     p.add_argument("--out", type=Path, default=None, help="write the figures as JSON")
     args = p.parse_args(argv)
@@ -189,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
     layers = make_layers(slots=args.slots, rank=args.rank, attn_only=args.attn_only)
     batches = {"decode x8": (8, 1), "prefill 8x40": (8, 40)}
     figures: dict[str, dict[str, float]] = {}
-    wrapped = "qkv, o" if args.attn_only else "qkv, o, gate_up, down"
+    wrapped = "qkv, o, gate_up, down" + (" (adapters on qkv, o only)" if args.attn_only else "")
     print(f"ms of LoRA ops per model step ({LAYERS} layers x {wrapped}; {args.threads} thread(s))")
     print(f"{'batch':<14} {'rows on':<8} " + " ".join(f"{n:>9}" for n in impls))
     for batch, (seqs, per_seq) in batches.items():
@@ -205,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
     diffs = check_agreement(
         {n: o for n, o in impls.items() if n != "harness"}, layers, slots=args.slots
     )
-    print(f"max |difference| from loraplex ops on a mixed batch: {diffs}")
+    print(f"max |difference| from the segmented ops on a mixed batch: {diffs}")
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps({"ms_per_step": figures, "max_abs_diff": diffs}, indent=2))

@@ -40,21 +40,20 @@ class Experiment:
     env: dict[str, str] = field(default_factory=dict)
 
 
-RESERVE_NONE = {"VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}
+RESERVE_ONE = {"VLLM_CPU_NUM_OF_RESERVED_CPU": "1"}
 ATTN_ONLY = {"BENCH_LORA_TARGET_MODULES": "qkv_proj,o_proj"}
-_REPO = Path(__file__).resolve().parent.parent
-STACKED_OPS = {  # see bench/_ops_site/sitecustomize.py
-    "BENCH_LORA_OPS": "stacked",
-    "PYTHONPATH": f"{_REPO / 'bench' / '_ops_site'}:{_REPO}",
-}
 EXPERIMENTS: dict[str, Experiment] = {
-    "baseline": Experiment("loraplex defaults: max_num_seqs 32, KV 2 GiB, bf16, auto CPU binding"),
+    "baseline": Experiment(
+        "loraplex defaults: max_num_seqs 32, KV 2 GiB, bf16, auto CPU binding, no core reserved"
+        " on <= 2 CPUs, fused LoRA ops"
+    ),
     "seqs8": Experiment("max_num_seqs 8", max_num_seqs=8),
     "seqs16": Experiment("max_num_seqs 16", max_num_seqs=16),
     "kv1": Experiment("KV cache 1 GiB", kv_cache_gib=1),
     "kv4": Experiment("KV cache 4 GiB", kv_cache_gib=4),
-    "reserve0": Experiment(
-        "VLLM_CPU_NUM_OF_RESERVED_CPU=0 (model on both cores)", env=RESERVE_NONE
+    "reserve1": Experiment(
+        "VLLM_CPU_NUM_OF_RESERVED_CPU=1 (vLLM's default: a core kept for its scheduler)",
+        env=RESERVE_ONE,
     ),
     "bind01": Experiment("VLLM_CPU_OMP_THREADS_BIND=0-1", env={"VLLM_CPU_OMP_THREADS_BIND": "0-1"}),
     "bind1": Experiment("VLLM_CPU_OMP_THREADS_BIND=1", env={"VLLM_CPU_OMP_THREADS_BIND": "1"}),
@@ -67,30 +66,19 @@ EXPERIMENTS: dict[str, Experiment] = {
         env={"VLLM_CPU_OMP_THREADS_BIND": "nobind", "OMP_NUM_THREADS": "1"},
     ),
     "fp32": Experiment("dtype float32 (no loraplex flag: experiment launcher)", dtype="float32"),
-    "stacked_ops": Experiment(
-        "CPU LoRA ops of bench/_lora_stacked.py instead of server.vllm_patches", env=STACKED_OPS
-    ),
+    "vllm_ops": Experiment(
+        "vLLM's own CPU LoRA ops (--lora-ops vllm)", env={"LORAPLEX_LORA_OPS": "vllm"}
+    ),  # fmt: skip
     "attn_only": Experiment(
         "vLLM lora_target_modules=qkv_proj,o_proj (no loraplex flag: experiment launcher)",
         env=ATTN_ONLY,
-    ),
-    "stacked_attn_only": Experiment(
-        "stacked_ops and attn_only together", env={**STACKED_OPS, **ATTN_ONLY}
-    ),
-    "stacked_reserve0": Experiment(
-        "stacked_ops and reserve0 together", env={**STACKED_OPS, **RESERVE_NONE}
-    ),
-    "stacked_attn_reserve0": Experiment(
-        "stacked_ops, attn_only and reserve0 together",
-        env={**STACKED_OPS, **ATTN_ONLY, **RESERVE_NONE},
     ),
     "conc16": Experiment("client concurrency 16 (not the fixed workload)", concurrency=16),
     "conc32": Experiment("client concurrency 32 (not the fixed workload)", concurrency=32),
 }
 DEFAULT_SELECTION = (
-    "baseline", "seqs8", "seqs16", "kv1", "kv4", "reserve0", "bind01", "bind1", "nobind",
-    "nobind_omp1", "fp32", "stacked_ops", "attn_only", "stacked_attn_only", "stacked_reserve0",
-    "stacked_attn_reserve0", "conc16", "conc32",
+    "baseline", "seqs8", "seqs16", "kv1", "kv4", "reserve1", "bind01", "bind1", "nobind",
+    "nobind_omp1", "fp32", "vllm_ops", "attn_only", "conc16", "conc32",
 )  # fmt: skip
 
 

@@ -30,7 +30,8 @@ class ServeSettings(BaseSettings):
     max_queued_requests: int = Field(default=512, ge=1, description="beyond this: 429")
     kv_cache_gib: int = Field(default=2, ge=1, description="CPU KV cache size (GiB)")
     lora_ops: Literal["loraplex", "vllm"] = Field(
-        default="loraplex", description="CPU LoRA ops: loraplex's (isolated) or vLLM's own"
+        default="loraplex",
+        description="CPU LoRA ops: loraplex's (fused, base rows isolated) or vLLM's own",
     )
     api_keys: list[str] = Field(default_factory=list, description="inference keys; empty: open")
     admin_key: str | None = Field(default=None, description="key for /admin/; unset: disabled")
