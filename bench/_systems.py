@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
-from bench._client import Sampling, measure_scenario
+from bench._load import measure_scenario
 from bench._machine import ForeignCpu, LoadSample, TreeCpu, process_layout, wait_for_quiet
 from bench._peft_loop import PeftLoop, probe_dtypes
 from bench._servers import EngineSettings, LaunchSpec, free_port, running
@@ -102,13 +102,14 @@ def _load_json(load: LoadSample) -> dict[str, float]:
 def run_http_system(
     make_spec: Callable[[int], LaunchSpec], opts: RunOptions, *, label: str
 ) -> tuple[dict[str, dict[str, object]], list[dict[str, object]]]:
-    """Start a server, measure every scenario against it, stop it.
+    """Start a server, measure every scenario against it (through loadtest), stop it.
 
     Returns the figures per scenario and the server's process layout (threads, CPU binding).
+    loadtest's summary and per-request CSV of each scenario are kept under
+    `work_dir/loadtest/<label>/<scenario>/`.
     """
     port = free_port()
     spec = make_spec(port)
-    sampling = Sampling(max_tokens=opts.max_tokens)
     results: dict[str, dict[str, object]] = {}
     log_path = opts.work_dir / "logs" / f"{label}.log"
     _log(f"{label}: starting ({spec.name}, log {log_path})")
@@ -116,9 +117,10 @@ def run_http_system(
         layout = process_layout(server.pid)
         for scenario in opts.scenarios:
             measure = functools.partial(
-                measure_scenario, server.base_url, scenario=scenario,
+                measure_scenario, server.base_url,
                 items=work_items(scenario, requests=opts.requests),
-                warmup=warmup_items(scenario), concurrency=opts.concurrency, sampling=sampling,
+                warmup=warmup_items(scenario), concurrency=opts.concurrency,
+                max_tokens=opts.max_tokens, folder=opts.work_dir / "loadtest" / label / scenario,
             )  # fmt: skip
             results[scenario] = guarded(measure, opts, tree=TreeCpu(server.pid))
             _log(f"  {label} {scenario}: {_brief(results[scenario])}")

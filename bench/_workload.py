@@ -1,9 +1,9 @@
 """The workload: fixed chat prompts, scenarios (which model serves each request), and the
 per-request and per-scenario figures every system is judged by.
 
-It knows nothing about how a system serves requests; `_client` drives HTTP servers and
-`_peft_loop` drives a transformers model, both producing `RequestResult`s that `summarize` turns
-into a `ScenarioResult`.
+It knows nothing about how a system serves requests: `_load` drives HTTP servers through the
+`loadtest` library and turns its summary into a `ScenarioResult`; `_peft_loop` drives a
+transformers model and produces `RequestResult`s that `summarize` turns into one.
 """
 
 from __future__ import annotations

@@ -119,6 +119,12 @@ def _install_profile() -> Profile:
     return profile
 
 
+def _fallback_calls() -> int:
+    from server import vllm_patches
+
+    return vllm_patches.fallback_calls
+
+
 def run_worker(config: dict[str, Any]) -> dict[str, Any]:
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # engine core in this process
     os.environ["LORAPLEX_VLLM_PATCHES"] = "0" if config["ops"] == "vllm" else "1"
@@ -190,6 +196,7 @@ def run_worker(config: dict[str, Any]) -> dict[str, Any]:
             "steps": profile.calls["step"],
             "ms_per_step": {k: round(v * 1000 / steps, 2) for k, v in profile.seconds.items()},
             "lora_linear_calls_per_step": round(profile.calls["lora_linear"] / steps, 1),
+            "fused_fallback_calls": _fallback_calls(),
             "foreign_cpu_cores_before": foreign_before,
             "first_output": outputs[0].outputs[0].text[:80],
         }

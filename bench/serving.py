@@ -2,7 +2,8 @@
 
 The same workload runs against each system: 16 fixed chat prompts (cycled), greedy, a fixed
 number of output tokens (`ignore_eos`), streamed, `--concurrency` requests in flight (closed
-loop); scenarios: the base model only, one adapter, and four adapters round-robin ("mixed").
+loop; the two servers are driven by the `loadtest` library, see bench/_load.py); scenarios: the
+base model only, one adapter, and four adapters round-robin ("mixed").
 Per scenario it records output tokens/s (all output tokens / wall time), median and p90 time to
 first content token, median end-to-end latency, and how much CPU other processes used meanwhile.
 It writes one JSON file and prints the ratios against the targets (see bench/README.md).

@@ -34,7 +34,8 @@ def loadtest(
         list[str], typer.Option("--model", help="A `model` to send; repeat for a mix.")
     ],
     mix: Annotated[
-        str, typer.Option(help="uniform | weights:3,1,1 | zipf:S over the --model list.")
+        str,
+        typer.Option(help="uniform | round-robin | weights:3,1,1 | zipf:S over the --model list."),
     ] = "uniform",
     rate: Annotated[
         float | None, typer.Option(help="Open loop: requests/s (inf: all at once).")
@@ -59,6 +60,9 @@ def loadtest(
     prompts: Annotated[
         Path | None, typer.Option(help='JSONL: {"messages": [...]} or {"prompt": "..."}.')
     ] = None,
+    prompt_order: Annotated[
+        str, typer.Option(help="random: draw each prompt | sequential: in order, cycled.")
+    ] = "random",
     input_len: Annotated[
         str, typer.Option(help="Synthetic prompt words: N | uniform:LO,HI | normal:M,S.")
     ] = "64",
@@ -102,9 +106,10 @@ def loadtest(
             url=url, models=tuple(model), mix=mix, rate=rate,
             arrival=parse_arrival(arrival, burstiness=burstiness), burstiness=burstiness,
             concurrency=concurrency, requests=requests, duration=duration, warmup=warmup,
-            cooldown=cooldown, prompts=prompts, input_len=input_len, output_len=max_tokens,
-            endpoint=endpoint, ignore_eos=ignore_eos, users=users, seed=seed, stream=stream,
-            timeout=timeout, api_key=api_key, slos=tuple(parse_slo(s) for s in slo or ()),
+            cooldown=cooldown, prompts=prompts, prompt_order=prompt_order, input_len=input_len,
+            output_len=max_tokens, endpoint=endpoint, ignore_eos=ignore_eos, users=users,
+            seed=seed, stream=stream, timeout=timeout, api_key=api_key,
+            slos=tuple(parse_slo(s) for s in slo or ()),
         )  # fmt: skip
         workload = build_workload(settings)
     except (ValueError, OSError) as e:

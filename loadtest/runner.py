@@ -21,6 +21,7 @@ from loadtest.arrivals import ArrivalProcess
 from loadtest.client import CANCELLED, OpenAIHTTPClient, RequestRecord
 from loadtest.workload import (
     CHAT,
+    PROMPT_ORDERS,
     AdapterMix,
     LengthDist,
     RequestSpec,
@@ -48,6 +49,7 @@ class LoadSettings:
     warmup: float = 0.0
     cooldown: float = 0.0
     prompts: Path | None = None
+    prompt_order: str = "random"  # or "sequential": the prompts in order, cycled
     input_len: str = "64"
     output_len: str = "128"
     endpoint: str = CHAT  # for synthetic prompts
@@ -77,6 +79,10 @@ class LoadSettings:
             problems.append("--warmup and --cooldown must be >= 0 seconds")
         if self.users < 0:
             problems.append(f"--users must be >= 0, got {self.users}")
+        if self.prompt_order not in PROMPT_ORDERS:
+            problems.append(
+                f"--prompt-order must be {' or '.join(PROMPT_ORDERS)}, got {self.prompt_order!r}"
+            )
         if problems:
             raise ValueError("; ".join(problems))
 
@@ -136,6 +142,7 @@ def build_workload(settings: LoadSettings) -> Workload:
         seed=settings.seed,
         users=settings.users,
         ignore_eos=settings.ignore_eos,
+        prompt_order=settings.prompt_order,
     )
 
 

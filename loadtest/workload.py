@@ -1,9 +1,10 @@
 """What each request asks for: prompt, adapter (`model`), output length, user id.
 
 Prompts come from a JSONL file (`{"messages": [...]}` goes to /v1/chat/completions, `{"prompt":
-"..."}` to /v1/completions) or from a seeded synthetic generator. The adapter mix (uniform,
-weighted, Zipf) picks a `model` per request. Everything is drawn from one seeded RNG, so a seed
-fixes the whole request sequence; nothing here knows about HTTP.
+"..."}` to /v1/completions) or from a seeded synthetic generator, drawn at random or replayed in
+order. The adapter mix (uniform, weighted, Zipf, round-robin) picks a `model` per request.
+Everything is drawn from one seeded RNG, so a seed fixes the whole request sequence; nothing here
+knows about HTTP.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ from typing import Any
 
 CHAT = "chat"
 COMPLETIONS = "completions"
+ROUND_ROBIN = "round-robin"
+PROMPT_ORDERS = ("random", "sequential")
 
 # Common English words: roughly one token each for most tokenizers, so `input_len` words is close
 # to `input_len` prompt tokens without a tokenizer on the client.
@@ -31,10 +34,17 @@ _WORDS = (
 
 @dataclass(frozen=True)
 class AdapterMix:
-    """Share of requests per model name: uniform, `weights:3,1,1` or `zipf:S` (rank r gets 1/r^S)."""
+    """Share of requests per model name: uniform, `weights:3,1,1`, `zipf:S` (rank r gets 1/r^S),
+    or `round-robin`.
+
+    Round-robin gives the models in turn (request i gets model i mod n) instead of drawing them:
+    the same shares as uniform without sampling noise, and the assignment `vllm bench serve
+    --lora-assignment round-robin` makes, so both tools can send identical request sequences.
+    """
 
     models: tuple[str, ...]
     weights: tuple[float, ...]
+    round_robin: bool = False
 
     @classmethod
     def parse(cls, spec: str, models: list[str]) -> AdapterMix:
@@ -42,7 +52,7 @@ class AdapterMix:
             raise ValueError("give at least one --model")
         kind, _, arg = spec.partition(":")
         n = len(models)
-        if kind == "uniform" and not arg:
+        if kind in ("uniform", ROUND_ROBIN) and not arg:
             weights = [1.0] * n
         elif kind == "weights":
             try:
@@ -62,9 +72,21 @@ class AdapterMix:
                 raise ValueError(f"zipf exponent must be >= 0, got {s}")
             weights = [1.0 / (rank**s) for rank in range(1, n + 1)]
         else:
-            raise ValueError(f"--mix must be uniform, weights:W1,W2,... or zipf:S; got {spec!r}")
+            raise ValueError(
+                f"--mix must be uniform, round-robin, weights:W1,W2,... or zipf:S; got {spec!r}"
+            )
         total = sum(weights)
-        return cls(models=tuple(models), weights=tuple(w / total for w in weights))
+        return cls(
+            models=tuple(models),
+            weights=tuple(w / total for w in weights),
+            round_robin=kind == ROUND_ROBIN,
+        )
+
+    def pick(self, index: int, rng: random.Random, cum_weights: list[float]) -> str:
+        """The model of request `index`: its turn under round-robin, else a weighted draw."""
+        if self.round_robin:
+            return self.models[index % len(self.models)]
+        return rng.choices(self.models, cum_weights=cum_weights)[0]
 
     def shares(self) -> dict[str, float]:
         return dict(zip(self.models, self.weights, strict=True))
@@ -172,7 +194,12 @@ def synthetic_prompts(
 
 @dataclass
 class Workload:
-    """An endless, seeded stream of `RequestSpec`s."""
+    """An endless, seeded stream of `RequestSpec`s.
+
+    `prompt_order` "random" draws each request's prompt; "sequential" replays the prompts in
+    order, starting again after the last (a prompt file then fixes exactly what is sent, as
+    `vllm bench serve --disable-shuffle` does with its dataset).
+    """
 
     prompts: list[Prompt]
     mix: AdapterMix
@@ -181,8 +208,13 @@ class Workload:
     users: int = 0
     ignore_eos: bool = False
     extra_body: dict[str, Any] = field(default_factory=dict)
+    prompt_order: str = "random"
 
     def __post_init__(self) -> None:
+        if self.prompt_order not in PROMPT_ORDERS:
+            raise ValueError(
+                f"prompt order must be one of {', '.join(PROMPT_ORDERS)}, got {self.prompt_order!r}"
+            )
         self._rng = random.Random(self.seed)
         self._cum = _cumulative(self.mix.weights)
         self._next = 0
@@ -190,8 +222,11 @@ class Workload:
     def next_spec(self) -> RequestSpec:
         rng, index = self._rng, self._next
         self._next += 1
-        model = rng.choices(self.mix.models, cum_weights=self._cum)[0]
-        prompt = self.prompts[rng.randrange(len(self.prompts))]
+        model = self.mix.pick(index, rng, self._cum)
+        if self.prompt_order == "sequential":
+            prompt = self.prompts[index % len(self.prompts)]
+        else:
+            prompt = self.prompts[rng.randrange(len(self.prompts))]
         max_tokens = self.output_len.sample(rng)
         body: dict[str, Any] = {"model": model, "max_tokens": max_tokens}
         if prompt.endpoint == CHAT:

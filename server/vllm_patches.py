@@ -43,6 +43,9 @@ _PATCHED_FUNCTIONS = (
 # makes every cached fused copy stale. vLLM runs the model under inference mode, whose tensors
 # carry no version counter, so the write itself cannot be detected from the tensor.
 _weights_generation = 0
+# add_lora_linear calls that took vLLM's per-op path (with the replaced ops) instead of the fused
+# one because the batch did not have the expected shape; read by bench/lora_cpu.py.
+fallback_calls = 0
 
 
 def register() -> None:
@@ -109,6 +112,10 @@ def _fused_add_lora_linear(add_lora_linear: Any) -> Any:
         layout = getattr(self, "_loraplex_layout", None)
         if layout is None or layout.rows != x.shape[0] or y.dim() != 2:
             # Not a shape this path knows (none seen on CPU): the per-op path, still isolated.
+            global fallback_calls
+            if not fallback_calls:
+                log.warning("loraplex: fused LoRA path skipped (x %s, y %s)", x.shape, y.shape)
+            fallback_calls += 1
             add_lora_linear(
                 self, y, x, lora_a_stacked, lora_b_stacked, scale, output_slices,
                 buffer=buffer, **kwargs,

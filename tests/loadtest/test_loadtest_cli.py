@@ -56,6 +56,7 @@ def test_loadtest_cli_prints_a_table(tmp_path):
         (["--rate", "1", "--requests", "3", "--slo", "p99=1s"], "--slo must be"),
         (["--rate", "inf", "--duration", "5"], "give --requests"),
         (["--concurrency", "2", "--requests", "3", "--max-tokens", "0"], "length must be >= 1"),
+        (["--concurrency", "1", "--requests", "3", "--prompt-order", "x"], "--prompt-order must"),
     ],
 )
 def test_loadtest_cli_rejects_bad_flags_in_one_line(args, message):

@@ -94,6 +94,36 @@ def test_loadtest_weighted_and_uniform_mix():
         AdapterMix.parse("weights:1,1", ["a", "b", "c"])
     with pytest.raises(ValueError, match="--mix must be"):
         AdapterMix.parse("pareto:2", ["a"])
+    with pytest.raises(ValueError, match="--mix must be"):
+        AdapterMix.parse("round-robin:2", ["a"])
+
+
+def test_loadtest_round_robin_mix_and_sequential_prompts_replay_in_order():
+    prompts = synthetic_prompts(random.Random(0), count=3, input_len=LengthDist.parse("4"))
+    mix = AdapterMix.parse("round-robin", ["a", "b", "c", "d"])
+    assert mix.shares() == pytest.approx({"a": 0.25, "b": 0.25, "c": 0.25, "d": 0.25})
+    workload = Workload(
+        prompts=prompts, mix=mix, output_len=LengthDist.parse("8"), prompt_order="sequential"
+    )
+    specs = [workload.next_spec() for _ in range(10)]
+    # Request i: model i mod 4 (as `vllm bench serve --lora-assignment round-robin`), prompt i mod 3.
+    assert [s.model for s in specs] == ["a", "b", "c", "d", "a", "b", "c", "d", "a", "b"]
+    assert [s.body["messages"] for s in specs] == [prompts[i % 3].messages for i in range(10)]
+    assert [s.index for s in specs] == list(range(10))
+    # A drawn mix with sequential prompts: only the models are random.
+    drawn = Workload(
+        prompts=prompts,
+        mix=AdapterMix.parse("uniform", ["a", "b"]),
+        output_len=LengthDist.parse("8"),
+        prompt_order="sequential",
+    )
+    assert [drawn.next_spec().body["messages"] for _ in range(4)] == [
+        prompts[i % 3].messages for i in range(4)
+    ]
+    with pytest.raises(ValueError, match="prompt order must be one of random, sequential"):
+        Workload(
+            prompts=prompts, mix=mix, output_len=LengthDist.parse("8"), prompt_order="shuffled"
+        )
 
 
 def test_loadtest_workload_is_seeded_with_sticky_users_and_lengths():
