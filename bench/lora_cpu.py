@@ -116,6 +116,8 @@ def _install_profile() -> Profile:
     profile.wrap(Worker, "sample_tokens", "sample")
     profile.wrap(PunicaWrapperCPU, "add_lora_linear", "lora_linear")
     profile.wrap(PunicaWrapperCPU, "update_metadata", "lora_metadata")
+    profile.wrap(PunicaWrapperCPU, "add_lora_logits", "lora_logits")
+    profile.wrap(PunicaWrapperCPU, "add_lora_embedding", "lora_embedding")
     return profile
 
 

@@ -12,10 +12,12 @@ and rows without an adapter carry slot -1, which Python indexing reads as "the l
 base-model request batched next to adapter requests thus gets an adapter applied. Every op of
 the wrapper is replaced by one that groups rows by slot and gives slot -1 exactly zero.
 
-Patch 2, speed: the wrapper's `add_lora_linear` (every LoRA-wrapped linear layer) computes each
-layer's LoRA for all its slices in a few fused products (`lora_cpu_ops.apply_fused_lora`), from
-the batch's slot layout computed once per step (`update_metadata`) and fused weights cached per
-layer until an adapter is (de)activated. Rows without an adapter stay exact (patch 1 holds).
+Patch 2, speed: the wrapper's `add_lora_linear` (every LoRA-wrapped linear layer) and
+`add_lora_logits` (the LM head) compute a layer's LoRA for all its slices in a few fused products
+(`lora_cpu_ops.apply_fused_lora`), from the batch's slot layout computed once per step
+(`update_metadata`) and fused weights cached per layer until an adapter is activated. vLLM wraps
+every layer it can (MLP, LM head, embedding) whatever the adapters target; a layer for which no
+adapter of the batch has weights is skipped. Rows without an adapter stay exact (patch 1 holds).
 """
 
 from __future__ import annotations
@@ -62,6 +64,8 @@ def register() -> None:
     wrapper = punica_cpu.PunicaWrapperCPU
     wrapper.update_metadata = _with_step_layout(wrapper.update_metadata)
     wrapper.add_lora_linear = _fused_add_lora_linear(wrapper.add_lora_linear)
+    wrapper.add_lora_logits = _fused_add_lora_logits(wrapper.add_lora_logits)
+    wrapper.add_lora_embedding = _skipping_add_lora_embedding(wrapper.add_lora_embedding)
     manager = model_manager.LoRAModelManager
     manager.activate_adapter = _bumping_generation(manager.activate_adapter)
     punica_cpu._loraplex_patched = True
@@ -73,6 +77,7 @@ def _with_step_layout(update_metadata: Any) -> Any:
     def patched(self: Any, *args: Any, **kwargs: Any) -> None:
         update_metadata(self, *args, **kwargs)
         self._loraplex_layout = lora_cpu_ops.StepLayout.of(self.token_lora_indices)
+        self._loraplex_sampler_layout = lora_cpu_ops.StepLayout.of(self.sampler_indices)
 
     return patched
 
@@ -127,6 +132,61 @@ def _fused_add_lora_linear(add_lora_linear: Any) -> Any:
         lora_cpu_ops.apply_fused_lora(y, x, layout, weights, scale)
 
     return patched
+
+
+def _fused_add_lora_logits(add_lora_logits: Any) -> Any:
+    """The LM head's LoRA (vLLM wraps it whether or not an adapter targets it): fused, and
+    skipped when no adapter of the batch has weights for it. Rows are sequences here."""
+
+    @functools.wraps(add_lora_logits)
+    def patched(
+        self: Any, y: Any, x: Any, lora_a_stacked: Any, lora_b_stacked: Any, scale: float,
+        *, buffer: Any = None, **kwargs: Any,
+    ) -> None:  # fmt: skip
+        layout = getattr(self, "_loraplex_sampler_layout", None)
+        y2d, x2d = y.view(-1, y.shape[-1]), x.view(-1, x.shape[-1])
+        if layout is None or layout.rows != x2d.shape[0]:
+            add_lora_logits(
+                self, y, x, lora_a_stacked, lora_b_stacked, scale, buffer=buffer, **kwargs
+            )
+            return
+        if not layout.present:
+            return
+        out = lora_b_stacked.shape[-2]
+        weights = _fused_weights(self, (lora_a_stacked,), (lora_b_stacked,), (out,))
+        lora_cpu_ops.apply_fused_lora(y2d, x2d, layout, weights, scale)
+
+    return patched
+
+
+def _skipping_add_lora_embedding(add_lora_embedding: Any) -> Any:
+    """The token embedding's LoRA (wrapped whether or not an adapter targets it): skipped when
+    no adapter of the batch has weights for it, else vLLM's path with the replaced ops."""
+
+    @functools.wraps(add_lora_embedding)
+    def patched(self: Any, y: Any, x: Any, lora_b_stacked: Any, *args: Any, **kwargs: Any) -> None:
+        layout = getattr(self, "_loraplex_layout", None)
+        if layout is not None and not any(
+            s in _slots_with_weights(self, lora_b_stacked) for s in layout.present
+        ):
+            return
+        add_lora_embedding(self, y, x, lora_b_stacked, *args, **kwargs)
+
+    return patched
+
+
+def _slots_with_weights(wrapper: Any, stack: Any) -> frozenset[int]:
+    """The slots of a (slots, ...) weight stack holding non-zero weights, cached like the fused
+    weights."""
+    cache: dict[int, tuple[int, Any, frozenset[int]]]
+    cache = wrapper.__dict__.setdefault("_loraplex_slots", {})
+    found = cache.get(id(stack))
+    if found is not None and found[0] == _weights_generation and found[1] is stack:
+        return found[2]
+    used = stack.flatten(1).abs().amax(1) > 0
+    slots = frozenset(int(s) for s in used.nonzero().flatten().tolist())
+    cache[id(stack)] = (_weights_generation, stack, slots)
+    return slots
 
 
 def _fused_weights(

@@ -94,6 +94,7 @@ def test_register_only_patches_when_asked(monkeypatch):
     for name in vllm_patches._PATCHED_FUNCTIONS:
         monkeypatch.setattr(punica_cpu, name, getattr(punica_cpu, name))
     for owner, name in ((wrapper, "update_metadata"), (wrapper, "add_lora_linear"),
+                        (wrapper, "add_lora_logits"), (wrapper, "add_lora_embedding"),
                         (manager, "activate_adapter")):  # fmt: skip
         monkeypatch.setattr(owner, name, getattr(owner, name))
     monkeypatch.setattr(punica_cpu, "_loraplex_patched", False, raising=False)
@@ -294,3 +295,47 @@ def test_fused_weights_keep_only_the_ranks_in_use():
     weights = lora_cpu_ops.FusedLoraWeights.build(a, b, (OUT, 32, 32))
     assert weights.a.shape == (2, 3 * 16, IN) and weights.b.shape == (2, 3 * 16, OUT + 64)
     _check_fused(torch.tensor([0, 1, -1, 1]), slots=2, slices=(OUT, 32, 32), dtype=torch.float32)
+
+
+def test_patched_lm_head_lora_fused_and_skipped_without_weights():
+    """add_lora_logits: rows are sequences (sampler indices); the same result as vLLM's ops on
+    adapter rows, base rows untouched, nothing computed when no adapter targets the LM head."""
+    vocab = 200
+    a, b = _layer_stacks(4, (vocab,), torch.float32, empty=(2,))
+    indices = torch.tensor([0, -1, 3, 1, 2])
+    wrapper = _Wrapper(torch.tensor([0, 0, -1]))  # token layout: not the one used here
+    wrapper._loraplex_sampler_layout = lora_cpu_ops.StepLayout.of(indices)
+    wrapper.sampler_indices = indices
+    x, y0 = torch.randn(5, IN), torch.randn(5, vocab)
+
+    def vllm_logits(self, y, x, a, b, scale, *, buffer=None, **kwargs):
+        buffer = torch.zeros(x.shape[0], a.shape[-2])
+        vllm_ops.bgmv_shrink(x, a, buffer, self.sampler_indices, scale)
+        vllm_ops.bgmv_expand(buffer, b, y, self.sampler_indices, add_inputs=True)
+
+    ours, theirs = y0.clone(), y0.clone()
+    vllm_patches._fused_add_lora_logits(vllm_logits)(wrapper, ours, x, a[0], b[0], 1.0)
+    vllm_logits(wrapper, theirs, x, a[0], b[0], 1.0)
+    rows = indices >= 0
+    torch.testing.assert_close(ours[rows], theirs[rows], **_tolerance(torch.float32))
+    assert torch.equal(ours[~rows], y0[~rows])
+
+    wrapper._loraplex_sampler_layout = lora_cpu_ops.StepLayout.of(torch.tensor([2, 2, -1, 2, 2]))
+    untouched = y0.clone()
+    vllm_patches._fused_add_lora_logits(vllm_logits)(wrapper, untouched, x, a[0], b[0], 1.0)
+    assert torch.equal(untouched, y0)  # slot 2 has no LM-head weights
+
+
+def test_patched_embedding_lora_skipped_when_no_adapter_has_weights_for_it():
+    calls = []
+    add_lora_embedding = vllm_patches._skipping_add_lora_embedding(
+        lambda self, y, x, b, **kwargs: calls.append(kwargs)
+    )
+    b = torch.zeros(4, 1, 32, 8)
+    b[1] = 1.0
+    wrapper = _Wrapper(torch.tensor([0, 2, -1]))
+    add_lora_embedding(wrapper, None, None, b, add_input=True)
+    assert calls == []
+    wrapper._loraplex_layout = lora_cpu_ops.StepLayout.of(torch.tensor([0, 1]))
+    add_lora_embedding(wrapper, None, None, b, add_input=True)
+    assert calls == [{"add_input": True}]
