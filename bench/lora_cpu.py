@@ -4,8 +4,10 @@ One vLLM engine per run, in this process's child (engine core in-process, no HTT
 isolate the model's LoRA path), with LoRA ops:
 
   vllm       vLLM's own torch ops (which also serve base rows of a mixed batch wrongly)
-  segmented  loraplex's per-op replacements only (one matmul per adapter present, per op)
-  loraplex   what `loraplex serve` runs: fused per-layer products + the per-op replacements
+  segmented  loraplex's per-op replacements in the linear layers (one matmul per adapter
+             present, per op; the isolation fix alone), LM head and embedding as loraplex
+  loraplex   what `loraplex serve` runs: fused per-layer products (linear layers, LM head),
+             layers no adapter of the batch targets skipped, per-op replacements elsewhere
 
 Runs cycle through them `--rounds` times, the order reversed every other round, so that drift
 on the machine hits all alike.
@@ -15,9 +17,10 @@ queue, as a closed loop would), greedy, exactly `--max-tokens` output tokens eac
 base model only, one adapter, 4 adapters and 8 adapters round-robin. The engine has 8 LoRA
 slots (max_loras 8) in every scenario, so the scenarios differ only in their traffic.
 
-Profile, per scenario: wall time per engine step, and within it the model forward
-(worker execute_model + sample_tokens), the LoRA part of every LoRA-wrapped linear layer
-(punica wrapper `add_lora_linear`), and the per-step LoRA metadata (`update_metadata`).
+Profile, per scenario, in ms per engine step: `step` (EngineCore.step: scheduling + model),
+`forward` (worker execute_model) and `sample` (sample_tokens), and within the forward the LoRA
+parts vLLM's punica wrapper computes: `lora_linear` (every LoRA-wrapped linear layer),
+`lora_logits` (LM head), `lora_embedding`, `lora_metadata` (per-step slot layout).
 
     .venv/bin/python bench/lora_cpu.py                  # writes bench/results/lora_cpu-*.json
     .venv/bin/python bench/lora_cpu.py --rounds 1 --requests 16
