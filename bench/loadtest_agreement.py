@@ -58,7 +58,14 @@ from bench._machine import ForeignCpu, machine_info, wait_for_quiet
 from bench._report import write_json
 from bench._servers import PATCH_FLAG, free_port, running, vllm_spec
 from bench._workload import BASE_MODEL, PROMPTS, SCENARIOS, WorkItem, work_items
-from bench.serving import RESULTS_DIR, default_home, engine_settings, resolve_model, utc_stamp
+from bench.serving import (
+    RESULTS_DIR,
+    add_model_options,
+    default_home,
+    engine_settings,
+    resolve_model,
+    utc_stamp,
+)
 
 T = TypeVar("T")
 
@@ -447,12 +454,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scenario", choices=tuple(SCENARIOS), default="base", help="models sent")
     p.add_argument("--tolerance", type=float, default=TOLERANCE, help="relative, e.g. 0.05")
     p.add_argument("--out", type=Path, default=None, help="JSON result file")
-    p.add_argument("--model", type=Path, default=None, help="HF model folder (default: embedded)")
-    p.add_argument("--home", type=Path, default=None, help="loraplex data dir [$LORAPLEX_HOME]")
-    p.add_argument(
-        "--work-dir", type=Path, default=Path("~/.cache/loraplex-bench"),
-        help="bench adapters, server log, both tools' raw results",
-    )  # fmt: skip
+    add_model_options(p, work_dir_help="bench adapters, server log, both tools' raw results")
     p.add_argument("--kv-cache-gib", type=int, default=2)
     p.add_argument(
         "--busy-threshold", type=float, default=BUSY_CORES,

@@ -29,7 +29,6 @@ parts vLLM's punica wrapper computes: `lora_linear` (every LoRA-wrapped linear l
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
 import os
 import statistics
@@ -48,8 +47,8 @@ from bench._adapters import ALL_ADAPTER_NAMES, ensure_adapters
 from bench._machine import machine_info, sample_foreign_cpu
 from bench._report import write_json
 from bench._workload import PROMPTS
+from bench.serving import RESULTS_DIR, add_model_options, default_home, resolve_model, utc_stamp
 
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
 OPS = ("vllm", "segmented", "loraplex")
 SCENARIOS: dict[str, tuple[str | None, ...]] = {
     "base": (None,),
@@ -69,9 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ops", default="vllm,loraplex", help=f"comma-separated subset of {OPS}")
     p.add_argument("--scenarios", default=",".join(SCENARIOS), help="comma-separated")
     p.add_argument("--max-lora-rank", type=int, default=16, help="engine's max_lora_rank")
-    p.add_argument("--model", type=Path, default=None, help="HF model folder (default: embedded)")
-    p.add_argument("--home", type=Path, default=None, help="loraplex data dir [$LORAPLEX_HOME]")
-    p.add_argument("--work-dir", type=Path, default=Path("~/.cache/loraplex-bench"))
+    add_model_options(p, work_dir_help="bench adapters")
     p.add_argument("--out", type=Path, default=None, help="JSON result file")
     p.add_argument("--worker", type=Path, default=None, help=argparse.SUPPRESS)
     return p
@@ -213,14 +210,6 @@ def run_worker(config: dict[str, Any]) -> dict[str, Any]:
 # -- the driver ------------------------------------------------------------------------------------
 
 
-def _resolve_model(model: Path | None, home: Path | None) -> Path:
-    home = home or Path(os.environ.get("LORAPLEX_HOME", "~/.loraplex"))
-    folder = (model or home.expanduser() / "models" / "smollm2-135m-instruct").expanduser()
-    if not (folder / "config.json").is_file():
-        raise SystemExit(f"error: no model at {folder}; run `loraplex model prepare` or --model")
-    return folder.resolve()
-
-
 def _run_one(config: dict[str, Any]) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "config.json"
@@ -275,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
     scenarios = tuple(s for s in args.scenarios.split(",") if s)
     if unknown := [o for o in ops if o not in OPS] + [s for s in scenarios if s not in SCENARIOS]:
         raise SystemExit(f"error: unknown ops/scenarios {unknown}")
-    model = _resolve_model(args.model, args.home)
+    model = resolve_model(args.model, (args.home or default_home()).expanduser())
     adapters = ensure_adapters(model, args.work_dir.expanduser() / "adapters", ALL_ADAPTER_NAMES)
     config = {
         "model": str(model), "adapters": {n: str(p) for n, p in adapters.items()},
@@ -295,8 +284,7 @@ def main(argv: list[str] | None = None) -> int:
     for s in scenarios:
         print(f"{s:<9}" + "".join(f"{figures[o][s]['output_tokens_per_second']:>12}" for o in ops))
     print(json.dumps(ratios, indent=2))
-    stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
-    out = args.out or RESULTS_DIR / f"lora_cpu-{stamp}.json"
+    out = args.out or RESULTS_DIR / f"lora_cpu-{utc_stamp()}.json"
     write_json(out, {
         "benchmark": "lora_cpu", "machine": machine_info(), "settings": config | {
             "rounds": args.rounds, "max_loras": MAX_LORAS, "dtype": "bfloat16"},

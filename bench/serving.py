@@ -63,6 +63,15 @@ def _env_pair(value: str) -> tuple[str, str]:
     return key, val
 
 
+def add_model_options(p: argparse.ArgumentParser, *, work_dir_help: str) -> None:
+    """--model, --home and --work-dir, shared by the benchmarks that start an engine."""
+    p.add_argument("--model", type=Path, default=None, help="HF model folder (default: embedded)")
+    p.add_argument("--home", type=Path, default=None, help="loraplex data dir [$LORAPLEX_HOME]")
+    p.add_argument(
+        "--work-dir", type=Path, default=Path("~/.cache/loraplex-bench"), help=work_dir_help
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--requests", type=int, default=32, help="measured requests per scenario")
@@ -73,12 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--scenarios", type=_csv(tuple(SCENARIOS)), default=tuple(SCENARIOS), help="scenarios"
     )
-    p.add_argument("--model", type=Path, default=None, help="HF model folder (default: embedded)")
-    p.add_argument("--home", type=Path, default=None, help="loraplex data dir [$LORAPLEX_HOME]")
-    p.add_argument(
-        "--work-dir", type=Path, default=Path("~/.cache/loraplex-bench"),
-        help="bench adapters and server logs",
-    )  # fmt: skip
+    add_model_options(p, work_dir_help="bench adapters and server logs")
     p.add_argument("--kv-cache-gib", type=int, default=2)
     p.add_argument("--max-num-seqs", type=int, default=32)
     p.add_argument("--max-loras", type=int, default=4)
