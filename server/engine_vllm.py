@@ -160,6 +160,9 @@ class VllmEngine:
                 with contextlib.suppress(asyncio.CancelledError):
                     await handler
             await asyncio.to_thread(llm.shutdown)
+            # AsyncLLM.__del__ calls shutdown() again, which is not idempotent: run at interpreter
+            # exit, it fails on module globals already torn down (TypeError noise on stderr).
+            llm.shutdown = lambda *args, **kwargs: None
 
     async def check_health(self) -> None:
         if self._llm is None:
