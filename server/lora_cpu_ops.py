@@ -24,8 +24,8 @@ that module) is skipped outright.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field, replace
 
 import torch  # noqa: TID253 - runs inside vLLM's engine processes, which have torch loaded
 
@@ -75,13 +75,14 @@ class FusedLoraWeights:
     """A LoRA layer's stacked weights rearranged for `apply_fused_lora`.
 
     a: (slots, slices * rank, in); b: (slots, slices * rank, out) block-diagonal over slices,
-    with rank the largest any loaded adapter uses; nonzero: the slots holding an adapter that has
-    weights for this layer.
+    with rank the largest any loaded adapter uses (0 when no slot has weights for this layer:
+    nothing is stored then); nonzero: the slots holding an adapter with weights for this layer.
     """
 
     a: torch.Tensor
     b: torch.Tensor
     nonzero: frozenset[int]
+    rank: int
 
     @property
     def slots(self) -> int:
@@ -103,26 +104,59 @@ class FusedLoraWeights:
         vLLM pads every adapter to max_lora_rank with zeros; the fused copy keeps only the ranks
         some loaded adapter uses, so a server allowing rank 64 pays rank 16 for rank-16 adapters.
         """
-        slots = a_stacked[0].shape[0]
-        a_parts = [s.reshape(slots, s.shape[-2], s.shape[-1]) for s in a_stacked]
-        b_parts = [s.reshape(slots, s.shape[-2], s.shape[-1]) for s in b_stacked]
+        a_parts, b_parts = _parts(a_stacked), _parts(b_stacked)
+        slots, in_features = a_parts[0].shape[0], a_parts[0].shape[-1]
         rank = max(_used_rank(a, b) for a, b in zip(a_parts, b_parts, strict=True))
-        a = torch.cat([part[:, :rank] for part in a_parts], dim=1)
+        a = a_parts[0].new_zeros((slots, len(a_parts) * rank, in_features))
         b = a.new_zeros((slots, len(b_parts) * rank, sum(output_slices)))
-        offset = 0
-        for i, (part, size) in enumerate(zip(b_parts, output_slices, strict=True)):
-            b[:, i * rank : (i + 1) * rank, offset : offset + size] = part[:, :size, :rank].mT
-            offset += size
-        used = (a.flatten(1).abs().amax(1) > 0) & (b.flatten(1).abs().amax(1) > 0)
-        nonzero = frozenset(int(s) for s in used.nonzero().flatten().tolist())
-        return cls(a=a.contiguous(), b=b, nonzero=nonzero)
+        fused = cls(a=a, b=b, nonzero=frozenset(), rank=rank)
+        return fused.refresh(range(slots), a_stacked, b_stacked, output_slices) if rank else fused
+
+    def refresh(
+        self,
+        slots: Iterable[int],
+        a_stacked: Sequence[torch.Tensor],
+        b_stacked: Sequence[torch.Tensor],
+        output_slices: Sequence[int],
+    ) -> FusedLoraWeights:
+        """The same weights with `slots` copied again from vLLM's stacks (an adapter was
+        activated there), in place; a whole new build when a slot needs a larger rank."""
+        a_parts, b_parts = _parts(a_stacked), _parts(b_stacked)
+        slots = list(slots)
+        for slot in slots:
+            pairs = zip(a_parts, b_parts, strict=True)
+            if (
+                max(_used_rank(a[slot : slot + 1], b[slot : slot + 1]) for a, b in pairs)
+                > self.rank
+            ):
+                return FusedLoraWeights.build(a_stacked, b_stacked, output_slices)
+        rank, nonzero = self.rank, set(self.nonzero)
+        for slot in slots:
+            self.a[slot] = torch.cat([part[slot, :rank] for part in a_parts])
+            self.b[slot].zero_()
+            offset = 0
+            for i, (part, size) in enumerate(zip(b_parts, output_slices, strict=True)):
+                self.b[slot, i * rank : (i + 1) * rank, offset : offset + size] = part[
+                    slot, :size, :rank
+                ].T
+                offset += size
+            if rank and self.a[slot].abs().amax() > 0 and self.b[slot].abs().amax() > 0:
+                nonzero.add(slot)
+            else:
+                nonzero.discard(slot)
+        return replace(self, nonzero=frozenset(nonzero))
+
+
+def _parts(stacks: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """(slots, 1, m, n) stacks as (slots, m, n) views."""
+    return [s.reshape(s.shape[0], s.shape[-2], s.shape[-1]) for s in stacks]
 
 
 def _used_rank(a: torch.Tensor, b: torch.Tensor) -> int:
-    """1 + the last rank index whose A row and B column are non-zero in some slot (at least 1)."""
+    """1 + the last rank index whose A row and B column are non-zero in some slot (0: none)."""
     live = (a.abs().amax(dim=(0, 2)) > 0) & (b.abs().amax(dim=(0, 1)) > 0)
     found = live.nonzero().flatten()
-    return int(found[-1]) + 1 if len(found) else 1
+    return int(found[-1]) + 1 if len(found) else 0
 
 
 def apply_fused_lora(

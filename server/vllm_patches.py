@@ -15,7 +15,8 @@ the wrapper is replaced by one that groups rows by slot and gives slot -1 exactl
 Patch 2, speed: the wrapper's `add_lora_linear` (every LoRA-wrapped linear layer) and
 `add_lora_logits` (the LM head) compute a layer's LoRA for all its slices in a few fused products
 (`lora_cpu_ops.apply_fused_lora`), from the batch's slot layout computed once per step
-(`update_metadata`) and fused weights cached per layer until an adapter is activated. vLLM wraps
+(`update_metadata`) and fused weights cached per layer, refreshed for the slot an adapter is
+activated in. vLLM wraps
 every layer it can (MLP, LM head, embedding) whatever the adapters target; a layer for which no
 adapter of the batch has weights is skipped. Rows without an adapter stay exact (patch 1 holds).
 """
@@ -25,6 +26,8 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import sys
+from dataclasses import dataclass
 from typing import Any
 
 from server import lora_cpu_ops
@@ -41,10 +44,14 @@ _PATCHED_FUNCTIONS = (
     "sgmv_expand_slice",
 )
 
-# Bumped whenever vLLM writes adapter weights into a layer's stacks (adapter activation), which
-# makes every cached fused copy stale. vLLM runs the model under inference mode, whose tensors
-# carry no version counter, so the write itself cannot be detected from the tensor.
-_weights_generation = 0
+# What vLLM has written into the layers' weight stacks, so cached fused copies know what is
+# stale. vLLM runs the model under inference mode, whose tensors carry no version counter, so a
+# write cannot be detected from the tensor; it always comes from adapter activation, though.
+# _writes counts activations; _slot_writes says which slot each one wrote (one adapter's
+# weights, in every layer); _epoch moves when that is not known (an activation failed midway).
+_writes = 0
+_slot_writes: dict[int, int] = {}
+_epoch = 0
 # add_lora_linear calls that took vLLM's per-op path (with the replaced ops) instead of the fused
 # one because the batch did not have the expected shape; read by bench/lora_cpu.py.
 fallback_calls = 0
@@ -67,7 +74,7 @@ def register() -> None:
     wrapper.add_lora_logits = _fused_add_lora_logits(wrapper.add_lora_logits)
     wrapper.add_lora_embedding = _skipping_add_lora_embedding(wrapper.add_lora_embedding)
     manager = model_manager.LoRAModelManager
-    manager.activate_adapter = _bumping_generation(manager.activate_adapter)
+    manager.activate_adapter = _recording_writes(manager.activate_adapter)
     punica_cpu._loraplex_patched = True
     log.debug("loraplex: CPU LoRA ops replaced (base rows isolated, fused layer products)")
 
@@ -82,19 +89,31 @@ def _with_step_layout(update_metadata: Any) -> Any:
     return patched
 
 
-def _bumping_generation(activate_adapter: Any) -> Any:
+def _fall_back(reason: str) -> None:
+    """Count a call that took vLLM's per-op path (with the replaced, isolating ops); say why,
+    with the traceback if there is one, the first time. A defect in the fast path must cost
+    speed, never the engine."""
+    global fallback_calls
+    if not fallback_calls:
+        log.warning("loraplex: %s", reason, exc_info=sys.exc_info()[0] is not None)
+    fallback_calls += 1
+
+
+def _recording_writes(activate_adapter: Any) -> Any:
     @functools.wraps(activate_adapter)
-    def patched(self: Any, *args: Any, **kwargs: Any) -> bool:
+    def patched(self: Any, lora_id: int, *args: Any, **kwargs: Any) -> bool:
         # vLLM calls this for every adapter of every step; it returns True only when it wrote
-        # an adapter's weights into a slot (an exception may have written part of them).
-        global _weights_generation
+        # an adapter's weights into a slot.
+        global _writes, _epoch
         try:
-            written = activate_adapter(self, *args, **kwargs)
+            written = activate_adapter(self, lora_id, *args, **kwargs)
+            if written:
+                slot = self.lora_index_to_id.index(lora_id)
+                _slot_writes[slot] = _slot_writes.get(slot, 0) + 1
+                _writes += 1
         except BaseException:
-            _weights_generation += 1
+            _epoch += 1  # some slot may hold part of an adapter: rebuild everything
             raise
-        if written:
-            _weights_generation += 1
         return written
 
     return patched
@@ -117,10 +136,7 @@ def _fused_add_lora_linear(add_lora_linear: Any) -> Any:
         layout = getattr(self, "_loraplex_layout", None)
         if layout is None or layout.rows != x.shape[0] or y.dim() != 2:
             # Not a shape this path knows (none seen on CPU): the per-op path, still isolated.
-            global fallback_calls
-            if not fallback_calls:
-                log.warning("loraplex: fused LoRA path skipped (x %s, y %s)", x.shape, y.shape)
-            fallback_calls += 1
+            _fall_back(f"fused LoRA path skipped (x {tuple(x.shape)}, y {tuple(y.shape)})")
             add_lora_linear(
                 self, y, x, lora_a_stacked, lora_b_stacked, scale, output_slices,
                 buffer=buffer, **kwargs,
@@ -128,8 +144,15 @@ def _fused_add_lora_linear(add_lora_linear: Any) -> Any:
             return
         if not layout.present:
             return
-        weights = _fused_weights(self, lora_a_stacked, lora_b_stacked, output_slices)
-        lora_cpu_ops.apply_fused_lora(y, x, layout, weights, scale)
+        try:
+            weights = _fused_weights(self, lora_a_stacked, lora_b_stacked, output_slices)
+            lora_cpu_ops.apply_fused_lora(y, x, layout, weights, scale)  # writes y last
+        except Exception:
+            _fall_back("fused LoRA failed; per-op path for this call")
+            add_lora_linear(
+                self, y, x, lora_a_stacked, lora_b_stacked, scale, output_slices,
+                buffer=buffer, **kwargs,
+            )  # fmt: skip
 
     return patched
 
@@ -153,8 +176,14 @@ def _fused_add_lora_logits(add_lora_logits: Any) -> Any:
         if not layout.present:
             return
         out = lora_b_stacked.shape[-2]
-        weights = _fused_weights(self, (lora_a_stacked,), (lora_b_stacked,), (out,))
-        lora_cpu_ops.apply_fused_lora(y2d, x2d, layout, weights, scale)
+        try:
+            weights = _fused_weights(self, (lora_a_stacked,), (lora_b_stacked,), (out,))
+            lora_cpu_ops.apply_fused_lora(y2d, x2d, layout, weights, scale)  # writes y last
+        except Exception:
+            _fall_back("fused LM-head LoRA failed; per-op path")
+            add_lora_logits(
+                self, y, x, lora_a_stacked, lora_b_stacked, scale, buffer=buffer, **kwargs
+            )
 
     return patched
 
@@ -176,27 +205,44 @@ def _skipping_add_lora_embedding(add_lora_embedding: Any) -> Any:
 
 
 def _slots_with_weights(wrapper: Any, stack: Any) -> frozenset[int]:
-    """The slots of a (slots, ...) weight stack holding non-zero weights, cached like the fused
-    weights."""
-    cache: dict[int, tuple[int, Any, frozenset[int]]]
+    """The slots of a (slots, ...) weight stack holding non-zero weights, cached until the next
+    adapter activation."""
+    cache: dict[int, tuple[tuple[int, int], Any, frozenset[int]]]
     cache = wrapper.__dict__.setdefault("_loraplex_slots", {})
     found = cache.get(id(stack))
-    if found is not None and found[0] == _weights_generation and found[1] is stack:
+    if found is not None and found[0] == (_epoch, _writes) and found[1] is stack:
         return found[2]
     used = stack.flatten(1).abs().amax(1) > 0
     slots = frozenset(int(s) for s in used.nonzero().flatten().tolist())
-    cache[id(stack)] = (_weights_generation, stack, slots)
+    cache[id(stack)] = ((_epoch, _writes), stack, slots)
     return slots
+
+
+@dataclass(eq=False)
+class _CachedFusion:
+    stack: Any  # vLLM's first A stack of the layer: identity check against id() reuse
+    epoch: int
+    writes: int
+    slot_writes: dict[int, int]
+    fused: lora_cpu_ops.FusedLoraWeights
 
 
 def _fused_weights(
     wrapper: Any, a_stacked: tuple[Any, ...], b_stacked: tuple[Any, ...], slices: tuple[int, ...]
 ) -> lora_cpu_ops.FusedLoraWeights:
-    cache: dict[int, tuple[int, Any, lora_cpu_ops.FusedLoraWeights]]
-    cache = wrapper.__dict__.setdefault("_loraplex_fused", {})
+    """The layer's fused weights: built on first use, then brought up to date slot by slot
+    after each adapter activation (rebuilding all layers for every activation would stall the
+    next step by ~0.1 s with 8 slots)."""
+    cache: dict[int, _CachedFusion] = wrapper.__dict__.setdefault("_loraplex_fused", {})
     found = cache.get(id(a_stacked[0]))
-    if found is not None and found[0] == _weights_generation and found[1] is a_stacked[0]:
-        return found[2]
-    fused = lora_cpu_ops.FusedLoraWeights.build(a_stacked, b_stacked, slices)
-    cache[id(a_stacked[0])] = (_weights_generation, a_stacked[0], fused)
+    if found is not None and found.stack is a_stacked[0] and found.epoch == _epoch:
+        if found.writes == _writes:
+            return found.fused
+        stale = [s for s, n in _slot_writes.items() if found.slot_writes.get(s) != n]
+        fused = found.fused.refresh(stale, a_stacked, b_stacked, slices)
+    else:
+        fused = lora_cpu_ops.FusedLoraWeights.build(a_stacked, b_stacked, slices)
+    cache[id(a_stacked[0])] = _CachedFusion(
+        a_stacked[0], _epoch, _writes, dict(_slot_writes), fused
+    )
     return fused

@@ -248,19 +248,33 @@ def test_step_layout():
 
 
 class _Wrapper:
-    """Stands in for vLLM's PunicaWrapperCPU: the patched method only reads the step layout."""
+    """Stands in for vLLM's PunicaWrapperCPU: the patched methods read only the step layout."""
 
     def __init__(self, indices):
         self._loraplex_layout = lora_cpu_ops.StepLayout.of(indices)
         self.fallback_calls = 0
 
 
-def test_patched_add_lora_linear_caches_fused_weights_until_an_adapter_is_activated():
+class _Manager:
+    """Stands in for vLLM's LoRAModelManager: which adapter id sits in which slot."""
+
+    def __init__(self, slots):
+        self.lora_index_to_id = [None] * slots
+
+    def activate(self, lora_id, slot):  # what vLLM's activate_adapter does, minus the weights
+        if lora_id in self.lora_index_to_id:
+            return False
+        self.lora_index_to_id[slot] = lora_id
+        return True
+
+
+def test_patched_add_lora_linear_refreshes_fused_weights_for_the_slot_activated():
     def per_op_path(self, y, x, *args, **kwargs):
         self.fallback_calls += 1
 
     add_lora_linear = vllm_patches._fused_add_lora_linear(per_op_path)
-    activate = vllm_patches._bumping_generation(lambda self, lora_id: lora_id == 5)
+    manager = _Manager(2)
+    activate = vllm_patches._recording_writes(lambda self, lora_id: self.activate(lora_id, 0))
     slices = (OUT, 32, 32)
     a, b = _layer_stacks(2, slices, torch.float32)
     wrapper = _Wrapper(torch.tensor([0, 1, -1]))
@@ -269,26 +283,52 @@ def test_patched_add_lora_linear_caches_fused_weights_until_an_adapter_is_activa
     def run():
         y = torch.zeros(3, sum(slices))
         add_lora_linear(wrapper, y, x, a, b, 1.0, slices)
-        return y
+        return y, wrapper._loraplex_fused[id(a[0])].fused
 
-    first = run()
-    cached = wrapper._loraplex_fused[id(a[0])][2]
-    assert torch.equal(run(), first) and wrapper._loraplex_fused[id(a[0])][2] is cached
-    activate(None, 1)  # already active: vLLM writes nothing and says so, the cache stands
-    run()
-    assert wrapper._loraplex_fused[id(a[0])][2] is cached
-    for stack in (*a, *b):  # vLLM writes a new adapter into slot 0 in place ...
+    first, cached = run()
+    again, same = run()
+    assert torch.equal(again, first) and same is cached
+    assert activate(manager, 7) is True  # vLLM writes adapter 7 into slot 0 ...
+    for stack in (*a, *b):
         stack[0] *= 2
-    activate(None, 5)  # ... from activate_adapter, which invalidates the fused copies
-    second = run()
-    assert wrapper._loraplex_fused[id(a[0])][2] is not cached
+    assert activate(manager, 7) is False  # ... and is asked again every step: nothing written
+    second, refreshed = run()
     torch.testing.assert_close(second[0], first[0] * 4)  # A and B doubled
     torch.testing.assert_close(second[1], first[1])
     assert torch.count_nonzero(second[2]) == 0
+    fresh = lora_cpu_ops.FusedLoraWeights.build(a, b, slices)
+    assert torch.equal(refreshed.a, fresh.a) and torch.equal(refreshed.b, fresh.b)
+    assert refreshed.nonzero == fresh.nonzero == {0, 1}
 
     wrapper._loraplex_layout = lora_cpu_ops.StepLayout.of(torch.tensor([0, 1]))  # 2 rows != 3
-    run()
+    add_lora_linear(wrapper, torch.zeros(3, sum(slices)), x, a, b, 1.0, slices)
     assert wrapper.fallback_calls == 1
+
+
+def test_fused_weights_refresh_a_slot():
+    """An adapter replaced in one slot: refreshed in place; a larger rank or a layer that had no
+    weights at all takes a full build; a slot emptied leaves `nonzero`."""
+    slices = (OUT, 32, 32)
+    a, b = _layer_stacks(3, slices, torch.bfloat16, empty=(2,))  # ranks 8, 16, -
+    fused = lora_cpu_ops.FusedLoraWeights.build(a, b, slices)
+    assert fused.rank == 16 and fused.nonzero == {0, 1}
+    for stack in (*a, *b):
+        stack[0] = stack[1]  # slot 0 now holds slot 1's rank-16 adapter
+        stack[1] = 0  # slot 1 emptied
+    refreshed = fused.refresh([0, 1], a, b, slices)
+    rebuilt = lora_cpu_ops.FusedLoraWeights.build(a, b, slices)
+    assert refreshed.a is fused.a  # in place
+    assert torch.equal(refreshed.a, rebuilt.a) and torch.equal(refreshed.b, rebuilt.b)
+    assert refreshed.nonzero == rebuilt.nonzero == {0}
+    bigger_a, bigger_b = _layer_stacks(3, slices, torch.bfloat16)  # slot 2: rank 64
+    grown = refreshed.refresh([2], bigger_a, bigger_b, slices)
+    assert grown.rank == 64 and grown.a is not fused.a
+    empty = lora_cpu_ops.FusedLoraWeights.build(*_layer_stacks(3, (OUT,), torch.float32,
+                                                                empty=(0, 1, 2)), (OUT,))  # fmt: skip
+    assert empty.rank == 0 and empty.a.numel() == 0 and not empty.nonzero
+    still_empty = empty.refresh([1], *_layer_stacks(3, (OUT,), torch.float32, empty=(0, 1, 2)),
+                                (OUT,))  # fmt: skip
+    assert still_empty.rank == 0 and not still_empty.nonzero
 
 
 def test_fused_weights_keep_only_the_ranks_in_use():
@@ -341,3 +381,19 @@ def test_patched_embedding_lora_skipped_when_no_adapter_has_weights_for_it():
     wrapper._loraplex_layout = lora_cpu_ops.StepLayout.of(torch.tensor([0, 1]))
     add_lora_embedding(wrapper, None, None, b, add_input=True)
     assert calls == [{"add_input": True}]
+
+
+def test_a_failing_fused_path_falls_back_instead_of_failing_the_step(monkeypatch):
+    """A defect in the fast path must cost speed, not the engine: the per-op path answers."""
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(lora_cpu_ops, "apply_fused_lora", broken)
+    calls = []
+    add_lora_linear = vllm_patches._fused_add_lora_linear(lambda *a, **k: calls.append(a))
+    a, b = _layer_stacks(2, (OUT,), torch.float32)
+    before = vllm_patches.fallback_calls
+    add_lora_linear(_Wrapper(torch.tensor([0, 1])), torch.zeros(2, OUT), torch.randn(2, IN), a, b,
+                    1.0, (OUT,))  # fmt: skip
+    assert len(calls) == 1 and vllm_patches.fallback_calls == before + 1
