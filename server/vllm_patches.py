@@ -16,9 +16,9 @@ Patch 2, speed: the wrapper's `add_lora_linear` (every LoRA-wrapped linear layer
 `add_lora_logits` (the LM head) compute a layer's LoRA for all its slices in a few fused products
 (`lora_cpu_ops.apply_fused_lora`), from the batch's slot layout computed once per step
 (`update_metadata`) and fused weights cached per layer, refreshed for the slot an adapter is
-activated in. vLLM wraps
-every layer it can (MLP, LM head, embedding) whatever the adapters target; a layer for which no
-adapter of the batch has weights is skipped. Rows without an adapter stay exact (patch 1 holds).
+activated in. vLLM wraps every layer it can (MLP, LM head, embedding) whatever the adapters
+target; a layer for which no adapter of the batch has weights is skipped. Rows without an adapter
+stay exact (patch 1 holds). Should the fused path fail, the call takes the per-op path.
 """
 
 from __future__ import annotations
@@ -52,8 +52,8 @@ _PATCHED_FUNCTIONS = (
 _writes = 0
 _slot_writes: dict[int, int] = {}
 _epoch = 0
-# add_lora_linear calls that took vLLM's per-op path (with the replaced ops) instead of the fused
-# one because the batch did not have the expected shape; read by bench/lora_cpu.py.
+# Layer calls that took vLLM's per-op path (with the replaced ops) instead of the fused one: a
+# batch of an unexpected shape, or a failure in the fused path; read by bench/lora_cpu.py.
 fallback_calls = 0
 
 
