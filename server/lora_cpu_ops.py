@@ -24,6 +24,8 @@ that module) is skipped outright.
 
 from __future__ import annotations
 
+import functools
+import operator
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
 
@@ -110,7 +112,8 @@ class FusedLoraWeights:
         a = a_parts[0].new_zeros((slots, len(a_parts) * rank, in_features))
         b = a.new_zeros((slots, len(b_parts) * rank, sum(output_slices)))
         fused = cls(a=a, b=b, nonzero=frozenset(), rank=rank)
-        return fused.refresh(range(slots), a_stacked, b_stacked, output_slices) if rank else fused
+        fused._copy(slice(None), a_parts, b_parts, output_slices)
+        return replace(fused, nonzero=slots_with_weights(fused.a, fused.b))
 
     def refresh(
         self,
@@ -123,28 +126,43 @@ class FusedLoraWeights:
         activated there), in place; a whole new build when a slot needs a larger rank."""
         a_parts, b_parts = _parts(a_stacked), _parts(b_stacked)
         slots = list(slots)
-        for slot in slots:
-            pairs = zip(a_parts, b_parts, strict=True)
-            if (
-                max(_used_rank(a[slot : slot + 1], b[slot : slot + 1]) for a, b in pairs)
-                > self.rank
-            ):
-                return FusedLoraWeights.build(a_stacked, b_stacked, output_slices)
-        rank, nonzero = self.rank, set(self.nonzero)
-        for slot in slots:
-            self.a[slot] = torch.cat([part[slot, :rank] for part in a_parts])
-            self.b[slot].zero_()
-            offset = 0
-            for i, (part, size) in enumerate(zip(b_parts, output_slices, strict=True)):
-                self.b[slot, i * rank : (i + 1) * rank, offset : offset + size] = part[
-                    slot, :size, :rank
-                ].T
-                offset += size
-            if rank and self.a[slot].abs().amax() > 0 and self.b[slot].abs().amax() > 0:
-                nonzero.add(slot)
-            else:
-                nonzero.discard(slot)
+        if not slots:
+            return self
+        pairs = zip(a_parts, b_parts, strict=True)
+        if max(_used_rank(a[slots], b[slots]) for a, b in pairs) > self.rank:
+            return FusedLoraWeights.build(a_stacked, b_stacked, output_slices)
+        self._copy(slots, a_parts, b_parts, output_slices)
+        live = slots_with_weights(self.a[slots], self.b[slots])
+        nonzero = (self.nonzero - set(slots)) | {slots[i] for i in live}
         return replace(self, nonzero=frozenset(nonzero))
+
+    def _copy(
+        self,
+        slots: list[int] | slice,
+        a_parts: Sequence[torch.Tensor],
+        b_parts: Sequence[torch.Tensor],
+        output_slices: Sequence[int],
+    ) -> None:
+        """Copy `slots` of vLLM's (slots, m, n) stacks into a and b, in place."""
+        rank = self.rank
+        if not rank:
+            return
+        self.a[slots] = torch.cat([part[slots, :rank] for part in a_parts], dim=1)
+        self.b[slots] = 0
+        offset = 0
+        for i, (part, size) in enumerate(zip(b_parts, output_slices, strict=True)):
+            self.b[slots, i * rank : (i + 1) * rank, offset : offset + size] = part[
+                slots, :size, :rank
+            ].mT
+            offset += size
+
+
+def slots_with_weights(*stacks: torch.Tensor) -> frozenset[int]:
+    """The indices along dim 0 where every one of `stacks` (same first dim) has a non-zero."""
+    if any(t[0].numel() == 0 for t in stacks if len(t)):
+        return frozenset()
+    live = functools.reduce(operator.and_, (t.flatten(1).abs().amax(1) > 0 for t in stacks))
+    return frozenset(int(s) for s in live.nonzero().flatten().tolist())
 
 
 def _parts(stacks: Sequence[torch.Tensor]) -> list[torch.Tensor]:
@@ -154,6 +172,8 @@ def _parts(stacks: Sequence[torch.Tensor]) -> list[torch.Tensor]:
 
 def _used_rank(a: torch.Tensor, b: torch.Tensor) -> int:
     """1 + the last rank index whose A row and B column are non-zero in some slot (0: none)."""
+    if a.numel() == 0:
+        return 0
     live = (a.abs().amax(dim=(0, 2)) > 0) & (b.abs().amax(dim=(0, 1)) > 0)
     found = live.nonzero().flatten()
     return int(found[-1]) + 1 if len(found) else 0

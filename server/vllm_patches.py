@@ -107,13 +107,16 @@ def _recording_writes(activate_adapter: Any) -> Any:
         global _writes, _epoch
         try:
             written = activate_adapter(self, lora_id, *args, **kwargs)
-            if written:
-                slot = self.lora_index_to_id.index(lora_id)
-                _slot_writes[slot] = _slot_writes.get(slot, 0) + 1
-                _writes += 1
         except BaseException:
             _epoch += 1  # some slot may hold part of an adapter: rebuild everything
             raise
+        if written:
+            _writes += 1
+            if lora_id in self.lora_index_to_id:
+                slot = self.lora_index_to_id.index(lora_id)
+                _slot_writes[slot] = _slot_writes.get(slot, 0) + 1
+            else:  # not where vLLM 0.32 puts it: bookkeeping must not fail the step
+                _epoch += 1
         return written
 
     return patched
@@ -212,8 +215,7 @@ def _slots_with_weights(wrapper: Any, stack: Any) -> frozenset[int]:
     found = cache.get(id(stack))
     if found is not None and found[0] == (_epoch, _writes) and found[1] is stack:
         return found[2]
-    used = stack.flatten(1).abs().amax(1) > 0
-    slots = frozenset(int(s) for s in used.nonzero().flatten().tolist())
+    slots = lora_cpu_ops.slots_with_weights(stack)
     cache[id(stack)] = ((_epoch, _writes), stack, slots)
     return slots
 
