@@ -69,6 +69,13 @@ class Stack:
         return httpx.get(f"{self.server.url}/ready").json()
 
 
+def two_versions_first_live(registry: Registry, make_adapter: Callable[..., Path]) -> None:
+    """support@1 and support@2 registered, production on 1."""
+    registry.register("support", make_adapter(), actor="t")
+    registry.register("support", make_adapter(), actor="t")
+    registry.store.promote("support", 1, actor="t")
+
+
 @pytest.fixture
 def registry_on_postgres_and_s3(tmp_path, postgres_url, s3_url) -> Iterator[Registry]:
     settings = RegistrySettings(home=tmp_path / "home", registry=postgres_url, artifacts=s3_url)
@@ -110,9 +117,7 @@ def test_dead_artifact_store_keeps_cached_versions_serving(
     tmp_path, registry_on_postgres_and_s3, make_adapter, stacks
 ):
     registry = registry_on_postgres_and_s3
-    registry.register("support", make_adapter(), actor="t")
-    registry.register("support", make_adapter(), actor="t")
-    registry.store.promote("support", 1, actor="t")
+    two_versions_first_live(registry, make_adapter)
     v1 = registry.store.get_version("support", 1)
     # The replica's cache already holds v1; its artifact store endpoint is down.
     registry.fetch(v1, tmp_path / "cache" / v1.sha256)
@@ -169,9 +174,7 @@ def test_requests_in_flight_finish_on_the_version_they_started_with(
     tmp_path, registry_on_postgres_and_s3, make_adapter, stacks
 ):
     registry = registry_on_postgres_and_s3
-    registry.register("support", make_adapter(), actor="t")
-    registry.register("support", make_adapter(), actor="t")
-    registry.store.promote("support", 1, actor="t")
+    two_versions_first_live(registry, make_adapter)
     stack = Stack(tmp_path, registry, registry.artifacts, token_delay=0.15)
     stacks.append(stack)
     stream = stack.client.chat.completions.create(
