@@ -37,7 +37,6 @@ def build_resolver(settings: ServeSettings, *, engine, metrics):
     """Local adapter folders plus the registry, validated before the engine starts."""
     from registry.errors import RegistryError
     from registry.service import Registry
-    from registry.settings import RegistrySettings
     from server.adapter_cache import AdapterDiskCache
     from server.adapter_loader import AdapterLoader
     from server.registry_resolver import RegistryResolver
@@ -54,14 +53,8 @@ def build_resolver(settings: ServeSettings, *, engine, metrics):
         local.validate(max_rank=settings.max_lora_rank)
     except ValueError as e:
         raise ServeError(str(e)) from e
-    registry_settings = RegistrySettings(
-        home=settings.home,
-        registry=settings.registry,
-        artifacts=settings.artifacts,
-        max_lora_rank=settings.max_lora_rank,
-    )
     try:
-        registry = Registry.open(registry_settings)
+        registry = Registry.open(settings)
     except RegistryError as e:
         raise ServeError(f"cannot open the registry: {e}") from e
     cache = AdapterDiskCache(

@@ -8,22 +8,21 @@ from pathlib import Path
 from typing import Literal
 
 from pydantic import Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from registry.settings import RegistrySettings
 
 
-class ServeSettings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="LORAPLEX_", extra="ignore")
+class ServeSettings(RegistrySettings):
+    """The server's settings extend the registry's (data dir, database, artifacts, rank limit):
+    one root, read from the environment once, so the registry a server opens is configured by
+    exactly the values the server was started with."""
 
-    home: Path = Field(
-        default=Path("~/.loraplex"), description="data dir (models, registry, cache)"
-    )
     model: Path | None = Field(default=None, description="local HF model folder; default: embedded")
     served_name: str = "smollm2"
     host: str = "127.0.0.1"
     port: int = 8000
     adapters: list[str] = Field(default_factory=list, description="NAME=PATH local adapters")
     max_loras: int = Field(default=4, ge=1)
-    max_lora_rank: int = Field(default=16, ge=1)
     max_cpu_loras: int = Field(default=16, ge=1)
     max_model_len: int = Field(default=2048, ge=64)
     max_num_seqs: int = Field(default=32, ge=1, description="sequences decoded per step")
@@ -35,10 +34,5 @@ class ServeSettings(BaseSettings):
     )
     api_keys: list[str] = Field(default_factory=list, description="inference keys; empty: open")
     admin_key: str | None = Field(default=None, description="key for /admin/; unset: disabled")
-    registry: str | None = Field(default=None, description="DB URL; default sqlite in home")
-    artifacts: str | None = Field(default=None, description="artifact store URL; default in home")
     adapter_cache_gib: float = Field(default=4.0, gt=0, description="local adapter disk cache")
     registry_poll_seconds: float = Field(default=1.0, gt=0, description="routing refresh period")
-
-    def data_dir(self) -> Path:
-        return self.home.expanduser()

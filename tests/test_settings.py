@@ -1,0 +1,33 @@
+"""One settings root: the server's settings are the registry's plus its own, read once."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from registry.service import Registry
+from registry.settings import RegistrySettings
+from server.settings import ServeSettings
+
+
+def test_serve_settings_are_registry_settings(tmp_path: Path) -> None:
+    settings = ServeSettings(home=tmp_path, max_lora_rank=32)
+    assert isinstance(settings, RegistrySettings)
+    assert settings.database_url() == f"sqlite:///{tmp_path / 'registry.db'}"
+    assert settings.max_lora_rank == 32
+
+
+def test_registry_opened_by_the_server_uses_the_server_values(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The environment says one database, the flag another: the flag wins for the server and for
+    # the registry it opens (no second read of the environment with its own defaults).
+    monkeypatch.setenv("LORAPLEX_REGISTRY", f"sqlite:///{tmp_path / 'from-env.db'}")
+    settings = ServeSettings(home=tmp_path, registry=f"sqlite:///{tmp_path / 'from-flag.db'}")
+    registry = Registry.open(settings)
+    try:
+        assert (tmp_path / "from-flag.db").exists()
+        assert not (tmp_path / "from-env.db").exists()
+    finally:
+        registry.close()
