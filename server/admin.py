@@ -7,43 +7,42 @@ its calls block on the database and the artifact store).
 from __future__ import annotations
 
 import gzip
-import hmac
 import tempfile
 from pathlib import Path
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Header, HTTPException, Query, Request
+from fastapi import APIRouter, Depends, HTTPException, Query, Request
+from fastapi.security import HTTPAuthorizationCredentials
 from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 
 from registry.archive import unpack_archive
 from registry.service import Registry
+from server.auth import bearer_scheme, check_bearer
+from server.errors import PermissionDeniedError, ResourceNotFoundError
 
 MAX_UPLOAD_BYTES = 1024**3
 router = APIRouter(prefix="/admin", tags=["admin"])
 
 
-def get_registry(request: Request) -> Registry:
-    registry = request.app.state.loraplex_registry
-    if registry is None:
-        raise HTTPException(404, "This server has no registry.")
-    return registry
-
-
 def require_admin_key(
-    request: Request, authorization: Annotated[str | None, Header()] = None
+    request: Request,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer_scheme)],
 ) -> str:
     """Returns the actor recorded in alias events (header x-loraplex-actor, else "admin-api")."""
     key = request.app.state.loraplex_admin_key
     if not key:
-        raise HTTPException(403, "The admin API is disabled: start the server with --admin-key.")
-    scheme, _, token = (authorization or "").partition(" ")
-    if scheme.lower() != "bearer" or not hmac.compare_digest(token, key):
-        raise HTTPException(
-            401, "Missing or invalid admin key (Authorization: Bearer KEY).",
-            headers={"WWW-Authenticate": "Bearer"},
-        )  # fmt: skip
+        raise PermissionDeniedError("The admin API is disabled: start the server with --admin-key.")
+    check_bearer(credentials, [key], what="admin key")
     return request.headers.get("x-loraplex-actor") or "admin-api"
+
+
+def get_registry(request: Request, _: Annotated[str, Depends(require_admin_key)]) -> Registry:
+    """The registry, after the admin key is checked (an anonymous caller learns nothing)."""
+    registry = request.app.state.loraplex_registry
+    if registry is None:
+        raise ResourceNotFoundError("This server has no registry.")
+    return registry
 
 
 RegistryDep = Annotated[Registry, Depends(get_registry)]

@@ -4,14 +4,15 @@ check the key, call `CompletionService`, and wrap its result; errors map in `ser
 
 from __future__ import annotations
 
-import hmac
 import time
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Header, HTTPException, Request, Response
+from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.security import HTTPAuthorizationCredentials
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from server.auth import bearer_scheme, check_bearer
 from server.errors import EngineNotReadyError, LoraplexError, error_body
 from server.openai_service import CompletionService, Prepared
 from server.protocol import ChatCompletionRequest, CompletionRequest
@@ -28,17 +29,11 @@ StateDep = Annotated[AppState, Depends(get_state)]
 
 
 def require_inference_key(
-    state: StateDep, authorization: Annotated[str | None, Header()] = None
+    state: StateDep,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer_scheme)],
 ) -> None:
-    keys = state.api_keys
-    if not keys:
-        return
-    scheme, _, token = (authorization or "").partition(" ")
-    if scheme.lower() != "bearer" or not any(hmac.compare_digest(token, k) for k in keys):
-        raise HTTPException(
-            401, "Missing or invalid API key (Authorization: Bearer KEY).",
-            headers={"WWW-Authenticate": "Bearer"},
-        )  # fmt: skip
+    if state.api_keys:
+        check_bearer(credentials, state.api_keys, what="API key")
 
 
 def _require_ready(state: AppState) -> CompletionService:

@@ -1,10 +1,14 @@
 """The exception tree of the serving layer and its OpenAI shape. Domain code raises these;
-`error_body` gives each its status and body; `server.http_errors` installs it in FastAPI.
+`error_body` gives each its status and body (the registry's own errors too: one table for every
+exception that reaches a client); `server.http_errors` installs it in FastAPI.
 
     LoraplexError
     ├── InvalidRequestError        400  the request is malformed or asks for something impossible
     │   └── ContextLengthError     400  prompt + max_tokens does not fit the context window
+    ├── AuthenticationError        401  no key, or not one of the configured keys
+    ├── PermissionDeniedError      403  the key is fine but the feature is off (admin API disabled)
     ├── ModelNotFoundError         404  `model` names nothing servable
+    ├── ResourceNotFoundError      404  any other thing a route looks up (no registry configured)
     ├── OverloadedError            429  too much queued; retry later
     ├── AdapterUnavailableError    503  an adapter version cannot be fetched right now (store down)
     ├── AdapterLoadError           500  an adapter's files were rejected when loading (engine unharmed)
@@ -15,6 +19,13 @@
 from __future__ import annotations
 
 import logging
+
+from registry.errors import (
+    ArtifactIntegrityError,
+    NotFoundError,
+    RegistryError,
+    RegistryUserError,
+)
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +47,23 @@ class InvalidRequestError(LoraplexError):
 class ContextLengthError(InvalidRequestError):
     def __init__(self, message: str, *, param: str | None = "messages"):
         super().__init__(message, param=param, code="context_length_exceeded")
+
+
+class AuthenticationError(LoraplexError):
+    """The request carries no valid key; answered with `WWW-Authenticate: Bearer`."""
+
+    headers = {"WWW-Authenticate": "Bearer"}
+
+    def __init__(self, message: str):
+        super().__init__(message, code="invalid_api_key")
+
+
+class PermissionDeniedError(LoraplexError):
+    """The caller may not use this; another key will not help."""
+
+
+class ResourceNotFoundError(LoraplexError):
+    """Something a route looks up (other than a model) does not exist here."""
 
 
 class ModelNotFoundError(LoraplexError):
@@ -78,7 +106,10 @@ class OverloadedError(LoraplexError):
 # Most specific first; the first isinstance match wins.
 _STATUS: tuple[tuple[type[LoraplexError], int, str], ...] = (
     (InvalidRequestError, 400, "invalid_request_error"),
+    (AuthenticationError, 401, "authentication_error"),
+    (PermissionDeniedError, 403, "permission_error"),
     (ModelNotFoundError, 404, "invalid_request_error"),
+    (ResourceNotFoundError, 404, "invalid_request_error"),
     (OverloadedError, 429, "rate_limit_error"),
     (EngineNotReadyError, 503, "service_unavailable_error"),
     (AdapterUnavailableError, 503, "service_unavailable_error"),
@@ -91,10 +122,24 @@ def openai_error(message: str, *, type: str, param: str | None = None, code: str
     return {"error": {"message": message, "type": type, "param": param, "code": code}}
 
 
+def _registry_status(exc: RegistryError) -> tuple[int, str]:
+    if isinstance(exc, NotFoundError):
+        return 404, "invalid_request_error"
+    if isinstance(exc, RegistryUserError):
+        return 400, "invalid_request_error"
+    if isinstance(exc, ArtifactIntegrityError):
+        return 400, "invalid_request_error"  # on upload: the client's archive is unsafe
+    return 503, "service_unavailable_error"  # artifact store or database unavailable
+
+
 def error_body(exc: Exception) -> tuple[int, dict]:
+    """Status and OpenAI-shaped body for any exception; unexpected ones are logged as 500s."""
     if isinstance(exc, LoraplexError):
         for cls, status, kind in _STATUS:
             if isinstance(exc, cls):
                 return status, openai_error(exc.message, type=kind, param=exc.param, code=exc.code)
+    if isinstance(exc, RegistryError):
+        status, kind = _registry_status(exc)
+        return status, openai_error(str(exc), type=kind)
     log.exception("unexpected error", exc_info=exc)
     return 500, openai_error(f"Internal server error: {type(exc).__name__}", type="server_error")

@@ -11,12 +11,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from registry.errors import (
-    ArtifactIntegrityError,
-    NotFoundError,
-    RegistryError,
-    RegistryUserError,
-)
+from registry.errors import RegistryError
 from server.errors import LoraplexError, error_body, openai_error
 
 _HTTP_TYPES = {401: "authentication_error", 403: "permission_error", 404: "invalid_request_error"}
@@ -35,26 +30,12 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     return f"Invalid request ({count}): " + "; ".join(problems), params[0] if params else None
 
 
-def _registry_status(exc: RegistryError) -> tuple[int, str]:
-    if isinstance(exc, NotFoundError):
-        return 404, "invalid_request_error"
-    if isinstance(exc, RegistryUserError):
-        return 400, "invalid_request_error"
-    if isinstance(exc, ArtifactIntegrityError):
-        return 400, "invalid_request_error"  # on upload: the client's archive is unsafe
-    return 503, "service_unavailable_error"  # artifact store or database unavailable
-
-
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(LoraplexError)
-    async def _domain(_: Request, exc: LoraplexError) -> JSONResponse:
-        status, body = error_body(exc)
-        return JSONResponse(body, status_code=status)
-
     @app.exception_handler(RegistryError)
-    async def _registry(_: Request, exc: RegistryError) -> JSONResponse:
-        status, kind = _registry_status(exc)
-        return JSONResponse(openai_error(str(exc), type=kind), status_code=status)
+    async def _domain(_: Request, exc: Exception) -> JSONResponse:
+        status, body = error_body(exc)
+        return JSONResponse(body, status_code=status, headers=getattr(exc, "headers", None))
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
@@ -62,6 +43,7 @@ def install_error_handlers(app: FastAPI) -> None:
         body = openai_error(message, type="invalid_request_error", param=param)
         return JSONResponse(body, status_code=400)
 
+    # Only the framework raises these (unknown route, wrong method): routes raise domain errors.
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
         kind = _HTTP_TYPES.get(exc.status_code, "invalid_request_error")

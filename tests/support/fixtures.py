@@ -83,12 +83,15 @@ def fake_server() -> Iterator[Callable[..., ServerThread]]:
         api_keys: list[str] | None = None,
         engine: FakeEngine | None = None,
         wait: bool = True,
+        admin_key: str | None = None,
     ) -> ServerThread:
         engine = engine or FakeEngine()
         metrics = ServerMetrics(CollectorRegistry())
         paths = {name: Path(p) for name, p in (adapters or {}).items()}
         local = LocalAdapters(engine, base_name="fake", adapters=paths, metrics=metrics)
-        app = create_app(engine=engine, resolver=local, metrics=metrics, api_keys=api_keys)
+        app = create_app(
+            engine=engine, resolver=local, metrics=metrics, api_keys=api_keys, admin_key=admin_key
+        )
         server = ServerThread(app).start(timeout=30)
         started.append(server)
         if wait:
