@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import io
 import tarfile
-import time
 import uuid
 
 import httpx
@@ -15,6 +14,7 @@ import pytest
 
 from tests.support.adapters import ADAPTER_SPECS, HELD_OUT_PROMPTS
 from tests.support.fixtures import ADMIN_KEY
+from tests.support.servers import wait_for
 
 PROMPT = HELD_OUT_PROMPTS[0]
 
@@ -29,15 +29,6 @@ def answer(client: openai.OpenAI, model: str) -> tuple[str, str, str]:
 
 def behaviour(text: str) -> set[str]:
     return {name for name, spec in ADAPTER_SPECS.items() if spec.check(text)}
-
-
-def wait_for(predicate, *, timeout: float = 30.0) -> float:
-    started = time.monotonic()
-    while not predicate():
-        if time.monotonic() - started > timeout:
-            raise AssertionError(f"condition not met within {timeout} s")
-        time.sleep(0.2)
-    return time.monotonic() - started
 
 
 def metrics(server) -> str:

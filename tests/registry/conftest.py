@@ -12,7 +12,6 @@ import glob
 import json
 import os
 import shutil
-import socket
 import subprocess
 import tempfile
 import uuid
@@ -27,6 +26,7 @@ from sqlalchemy.engine import make_url
 
 from registry.service import Registry
 from registry.settings import RegistrySettings
+from tests.support.servers import free_port
 
 LAYER = "base_model.model.model.layers.0.self_attn"
 BASE_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
@@ -43,12 +43,6 @@ def _postgres_bindir() -> Path | None:
     return Path(found).parent if found and shutil.which("pg_ctl") else None
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class _Cluster:
     """initdb + pg_ctl on a temp folder; as root, run as the `postgres` user (the server refuses
     to run as root)."""
@@ -57,7 +51,7 @@ class _Cluster:
         self.bindir = bindir
         self.as_root = os.geteuid() == 0
         self.root = Path(tempfile.mkdtemp(prefix="loraplex-pg-"))
-        self.data, self.log, self.port = self.root / "data", self.root / "log", _free_port()
+        self.data, self.log, self.port = self.root / "data", self.root / "log", free_port()
         self.started = False
         if self.as_root:
             shutil.chown(self.root, user="postgres", group="postgres")
