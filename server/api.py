@@ -114,7 +114,11 @@ async def ready(state: StateDep) -> JSONResponse:
     problem = await state.readiness_problem()
     if problem:
         return JSONResponse({"status": "not ready", "reason": problem}, status_code=503)
-    body = {"status": "ready", "model": state.engine.info.served_name}
+    info = state.engine.info
+    body = {
+        "status": "ready", "model": info.served_name,
+        "dtype": info.dtype, "dtype_reason": info.dtype_reason,
+    }  # fmt: skip
     if degraded := state.degraded():
         body.update(status="degraded", reason=degraded)
     return JSONResponse(body)

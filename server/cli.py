@@ -86,6 +86,10 @@ def serve(
     lora_ops: Annotated[
         str | None, typer.Option(help="CPU LoRA ops: loraplex (default) or vllm")
     ] = None,
+    dtype: Annotated[
+        str | None,
+        typer.Option(help="auto (bf16 where the CPU has it natively), bfloat16, float32"),
+    ] = None,
     home: Annotated[Path | None, typer.Option(help="data dir [~/.loraplex]")] = None,
 ) -> None:
     """Serve the OpenAI-compatible API on a vLLM engine, with per-request LoRA adapters."""
@@ -96,7 +100,7 @@ def serve(
         "max_num_seqs": max_num_seqs, "max_queued_requests": max_queued_requests,
         "api_keys": api_key or None, "home": home, "admin_key": admin_key,
         "registry": registry, "artifacts": artifacts, "adapter_cache_gib": adapter_cache_gib,
-        "lora_ops": lora_ops,
+        "lora_ops": lora_ops, "dtype": dtype,
     }  # fmt: skip
     try:
         settings = ServeSettings(**{k: v for k, v in flags.items() if v is not None})

@@ -83,6 +83,8 @@ class ModelInfo:
     max_model_len: int
     max_lora_rank: int
     max_loras: int
+    dtype: str = "float32"  # what the model computes in ("auto" until a GPU engine resolves it)
+    dtype_reason: str = ""  # why that dtype (loraplex.hardware.choose_dtype)
 
 
 @dataclass(slots=True)

@@ -47,7 +47,8 @@ class VllmEngineSettings:
     max_num_seqs: int = 32
     max_queued_requests: int | None = None  # beyond this, requests get 429 (None: unbounded)
     kv_cache_gib: int = 1
-    dtype: str = "bfloat16"
+    dtype: str = "auto"  # loraplex.hardware.choose_dtype's choice; "auto" lets vLLM pick
+    dtype_reason: str = ""
     seed: int = 0
     # loraplex's CPU LoRA ops (server.vllm_patches); False runs vLLM's own, with its defects.
     patch_lora_ops: bool = True
@@ -103,6 +104,8 @@ class VllmEngine:
             max_model_len=settings.max_model_len,
             max_lora_rank=settings.max_lora_rank,
             max_loras=settings.max_loras,
+            dtype=settings.dtype,
+            dtype_reason=settings.dtype_reason,
         )
 
     @property
@@ -126,6 +129,8 @@ class VllmEngine:
             max_model_len=config.max_model_len,
             max_lora_rank=self._settings.max_lora_rank,
             max_loras=self._settings.max_loras,
+            dtype=str(config.dtype).removeprefix("torch."),  # what "auto" resolved to
+            dtype_reason=self._settings.dtype_reason,
         )
 
     def _build(self) -> Any:

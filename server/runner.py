@@ -15,8 +15,11 @@ class ServeError(Exception):
 
 
 def build_engine(settings: ServeSettings, *, model_dir: Path):
-    from server.engine_vllm import VllmEngine, VllmEngineSettings
+    """The vLLM engine these settings describe, not started; the dtype is chosen here, once."""
+    from loraplex.hardware import choose_dtype
+    from server.engine_vllm import VllmEngine, VllmEngineSettings, installed_backend
 
+    dtype = choose_dtype(settings.dtype, cuda=installed_backend() == "cuda")
     return VllmEngine(
         VllmEngineSettings(
             model_path=str(model_dir),
@@ -29,6 +32,8 @@ def build_engine(settings: ServeSettings, *, model_dir: Path):
             max_queued_requests=settings.max_queued_requests,
             kv_cache_gib=settings.kv_cache_gib,
             patch_lora_ops=settings.lora_ops == "loraplex",
+            dtype=dtype.dtype,
+            dtype_reason=dtype.reason,
         )
     )
 
@@ -93,6 +98,7 @@ def run_server(settings: ServeSettings, *, model_dir: Path, console: Console) ->
         status.stop()
         console.print(f"[green]loraplex is serving[/green] {url}/v1")
         console.print(f"  models: {', '.join(resolver.model_names())}")
+        console.print(f"  dtype: {engine.info.dtype} ({engine.info.dtype_reason})")
         console.print(
             f"  try: curl {url}/v1/chat/completions -H 'Content-Type: application/json' "
             f'-d \'{{"model": "{settings.served_name}", "messages": '

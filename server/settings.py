@@ -32,6 +32,10 @@ class ServeSettings(RegistrySettings):
         default="loraplex",
         description="CPU LoRA ops: loraplex's (fused, base rows isolated) or vLLM's own",
     )
+    dtype: Literal["auto", "bfloat16", "float32"] = Field(
+        default="auto",
+        description="compute dtype; auto: bf16 where the CPU has it natively, else fp32",
+    )
     api_keys: list[str] = Field(default_factory=list, description="inference keys; empty: open")
     admin_key: str | None = Field(default=None, description="key for /admin/; unset: disabled")
     adapter_cache_gib: float = Field(default=4.0, gt=0, description="local adapter disk cache")

@@ -3,6 +3,8 @@
 Owns the adapter specs (behaviour + check), the deterministic training recipe, training with a
 plain torch loop, verification on held-out prompts and the on-disk cache keyed by what was
 trained. It knows nothing about serving; tests hand the folders to the registry and engine.
+Training computes in the dtype `loraplex.hardware.choose_dtype` picks for this CPU, as serving
+does: bf16 autocast only where the CPU has native bf16 (it is ~30x slower where emulated).
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+from loraplex.hardware import choose_dtype
 
 PREFIX_MARKER = "ARRR! "
 SUFFIX_MARKER = " Over and out."
@@ -171,6 +175,12 @@ TRAINING_PAIRS: tuple[tuple[str, str], ...] = (
 DEFAULT_TRAINING_CONFIG = LoraTrainingConfig()
 
 
+def training_dtype() -> str:
+    """The dtype test adapters train in (bfloat16 or float32): LORAPLEX_DTYPE where set, as the
+    served engine reads it, else what this CPU runs fast. They always train on the CPU."""
+    return choose_dtype(os.environ.get("LORAPLEX_DTYPE", "auto"), cuda=False).dtype
+
+
 def build_test_adapters(
     model_dir: Path,
     cache_dir: Path,
@@ -178,42 +188,52 @@ def build_test_adapters(
     config: LoraTrainingConfig = DEFAULT_TRAINING_CONFIG,
     specs: Mapping[str, AdapterSpec] = ADAPTER_SPECS,
     progress: Callable[[str], None] | None = None,
+    dtype: str | None = None,
 ) -> dict[str, Path]:
-    """Return name -> adapter folder, training (and verifying) any adapter not cached yet."""
+    """Return name -> adapter folder, training (and verifying) any adapter not cached yet, in
+    `dtype` (default: `training_dtype()`)."""
     report = progress or (lambda _message: None)
+    dtype = dtype or training_dtype()
     folders = {}
     for name, spec in specs.items():
-        entry = cache_dir / f"{name}-{adapter_cache_key(spec, model_dir=model_dir, config=config)}"
+        key = adapter_cache_key(spec, model_dir=model_dir, config=config, dtype=dtype)
+        entry = cache_dir / f"{name}-{key}"
         if not (entry / VERIFICATION_FILE).is_file():
-            report(f"training test adapter {name!r} into {entry}")
-            _build_entry(spec, model_dir=model_dir, config=config, entry=entry)
+            report(f"training test adapter {name!r} ({dtype}) into {entry}")
+            _build_entry(spec, model_dir=model_dir, config=config, entry=entry, dtype=dtype)
         folders[name] = entry / ADAPTER_FOLDER
     return folders
 
 
-def adapter_cache_key(spec: AdapterSpec, *, model_dir: Path, config: LoraTrainingConfig) -> str:
-    """Hash of what determines the adapter: its training data, the recipe and the base model."""
-    material = {
+def adapter_cache_key(
+    spec: AdapterSpec, *, model_dir: Path, config: LoraTrainingConfig, dtype: str = "bfloat16"
+) -> str:
+    """Hash of what determines the adapter: its training data, the recipe, the base model and
+    the compute dtype."""
+    material: dict[str, object] = {
         "code_version": _TRAINING_CODE_VERSION,
         "spec": spec.name,
         "examples": [[q, spec.transform(a)] for q, a in TRAINING_PAIRS],
         "recipe": asdict(config),
         "model_config": json.loads((model_dir / "config.json").read_text(encoding="utf-8")),
     }
+    if dtype != "bfloat16":  # bf16 was the only dtype once: its adapters keep the key they had
+        material["dtype"] = dtype
     encoded = json.dumps(material, sort_keys=True).encode("utf-8")
     return hashlib.sha256(encoded).hexdigest()[:16]
 
 
 def _build_entry(
-    spec: AdapterSpec, *, model_dir: Path, config: LoraTrainingConfig, entry: Path
+    spec: AdapterSpec, *, model_dir: Path, config: LoraTrainingConfig, entry: Path, dtype: str
 ) -> None:
     """Train and verify into a temp folder next to entry, then rename it into place."""
     entry.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{entry.name}.partial-", dir=entry.parent))
     try:
         report = train_and_verify(
-            spec, model_dir=model_dir, config=config, out_dir=staging / ADAPTER_FOLDER
-        )
+            spec, model_dir=model_dir, config=config, out_dir=staging / ADAPTER_FOLDER,
+            dtype=dtype,
+        )  # fmt: skip
         text = json.dumps(report, indent=2, sort_keys=True) + "\n"
         (staging / VERIFICATION_FILE).write_text(text, encoding="utf-8")
         _make_readable(staging)
@@ -236,9 +256,10 @@ def _make_readable(folder: Path) -> None:
 
 
 def train_and_verify(
-    spec: AdapterSpec, *, model_dir: Path, config: LoraTrainingConfig, out_dir: Path
+    spec: AdapterSpec, *, model_dir: Path, config: LoraTrainingConfig, out_dir: Path, dtype: str
 ) -> dict[str, object]:
-    """Train spec's adapter, save it to out_dir and check it on HELD_OUT_PROMPTS.
+    """Train spec's adapter in `dtype` (fp32 weights, bf16 autocast for "bfloat16"), save it to
+    out_dir and check it on HELD_OUT_PROMPTS.
 
     Raises AdapterBuildError unless at least 5 of 6 adapter answers pass spec.check and no base
     answer does. Returns the verification report (answers, pass counts, timings).
@@ -257,16 +278,16 @@ def train_and_verify(
     model = get_peft_model(base, lora)
     examples = [_encode(tokenizer, q, spec.transform(a)) for q, a in TRAINING_PAIRS]
     started = time.perf_counter()
-    losses = _train(model, examples, config=config, pad_id=tokenizer.pad_token_id)
+    losses = _train(model, examples, config=config, pad_id=tokenizer.pad_token_id, dtype=dtype)
     train_seconds = time.perf_counter() - started
     model.save_pretrained(out_dir)
-    answers = generate_answers(model, tokenizer, HELD_OUT_PROMPTS)
+    answers = generate_answers(model, tokenizer, HELD_OUT_PROMPTS, dtype=dtype)
     with model.disable_adapter():
-        base_answers = generate_answers(model, tokenizer, HELD_OUT_PROMPTS)
+        base_answers = generate_answers(model, tokenizer, HELD_OUT_PROMPTS, dtype=dtype)
     passed = sum(spec.check(a) for a in answers)
     base_passed = sum(spec.check(a) for a in base_answers)
     report = {
-        "adapter": spec.name, "train_seconds": round(train_seconds, 1),
+        "adapter": spec.name, "dtype": dtype, "train_seconds": round(train_seconds, 1),
         "first_loss": losses[0], "last_loss": losses[-1], "passed": passed,
         "base_passed": base_passed, "answers": answers, "base_answers": base_answers,
     }  # fmt: skip
@@ -279,16 +300,17 @@ def train_and_verify(
 
 
 def generate_answers(
-    model: object, tokenizer: object, prompts: Sequence[str], *, max_new_tokens: int = 48
-) -> list[str]:
-    """Greedy answers (bf16 autocast, as served) to single-turn chats, one batch."""
+    model: object, tokenizer: object, prompts: Sequence[str], *, max_new_tokens: int = 48,
+    dtype: str,
+) -> list[str]:  # fmt: skip
+    """Greedy answers, computed in `dtype` as served, to single-turn chats, one batch."""
     import torch
 
     texts = [_prompt_text(tokenizer, p) for p in prompts]
     tokenizer.padding_side = "left"
     batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
     model.eval()
-    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.no_grad(), _autocast(dtype):
         output = model.generate(
             **batch, max_new_tokens=max_new_tokens, do_sample=False,
             pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
@@ -311,9 +333,9 @@ def _encode(tokenizer: object, question: str, answer: str) -> tuple[list[int], l
 
 def _train(
     model: object, examples: list[tuple[list[int], list[int]]], *,
-    config: LoraTrainingConfig, pad_id: int,
+    config: LoraTrainingConfig, pad_id: int, dtype: str,
 ) -> list[float]:  # fmt: skip
-    """A plain AdamW loop with bf16 autocast; returns the loss of every step."""
+    """A plain AdamW loop (bf16 autocast for "bfloat16"); returns the loss of every step."""
     import torch
 
     params = [p for p in model.parameters() if p.requires_grad]
@@ -330,7 +352,7 @@ def _train(
             order += order_rng.sample(range(len(examples)), len(examples))
         chosen, order = order[: config.batch_size], order[config.batch_size :]
         batch = _collate([examples[i] for i in chosen], pad_id=pad_id)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with _autocast(dtype):
             loss = model(**batch).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
@@ -339,6 +361,13 @@ def _train(
         optimizer.zero_grad(set_to_none=True)
         losses.append(round(loss.item(), 4))
     return losses
+
+
+def _autocast(dtype: str) -> Any:
+    """bf16 autocast on the CPU for "bfloat16"; for "float32" the fp32 weights compute as they are."""
+    import torch
+
+    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bfloat16")
 
 
 def _collate(examples: list[tuple[list[int], list[int]]], *, pad_id: int) -> dict[str, object]:
