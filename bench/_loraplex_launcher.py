@@ -1,26 +1,17 @@
-"""`loraplex serve` with engine settings it has no flag for, for the tuning experiments only.
+"""`loraplex serve` with an engine setting it has no flag for, for the tuning experiments only.
 
-`loraplex serve` always runs bfloat16 and wraps every linear layer vLLM can give LoRA. This
-launcher changes, before the CLI builds the engine, the engine dtype (`BENCH_ENGINE_DTYPE`) and
-vLLM's `lora_target_modules` (`BENCH_LORA_TARGET_MODULES`, comma-separated, e.g.
-"qkv_proj,o_proj"), so their effect can be measured without changing the server.
+`loraplex serve` wraps every linear layer vLLM can give LoRA. This launcher changes, before the
+CLI builds the engine, vLLM's `lora_target_modules` (`BENCH_LORA_TARGET_MODULES`,
+comma-separated, e.g. "qkv_proj,o_proj"), so its effect can be measured without changing the
+server. (The dtype has a flag: `--dtype`.)
 
     python bench/_loraplex_launcher.py serve --model ... (same flags as `loraplex serve`)
 """
 
 from __future__ import annotations
 
-import functools
 import os
 import sys
-
-
-def _patch_engine_dtype(dtype: str) -> None:
-    import server.engine_vllm as engine_vllm
-
-    engine_vllm.VllmEngineSettings = functools.partial(  # type: ignore[misc]
-        engine_vllm.VllmEngineSettings, dtype=dtype
-    )
 
 
 def _patch_lora_target_modules(modules: list[str]) -> None:
@@ -37,8 +28,6 @@ def _patch_lora_target_modules(modules: list[str]) -> None:
 if __name__ == "__main__":
     from loraplex.cli import main
 
-    if dtype := os.environ.get("BENCH_ENGINE_DTYPE"):
-        _patch_engine_dtype(dtype)
     if modules := os.environ.get("BENCH_LORA_TARGET_MODULES"):
         _patch_lora_target_modules([m for m in modules.split(",") if m])
     sys.argv[0] = "loraplex"

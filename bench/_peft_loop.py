@@ -3,7 +3,8 @@
 Every adapter is loaded into one `PeftModel` up front; each request switches to its adapter (or
 runs inside `disable_adapter()` for the base model) and calls greedy `generate` with
 `min_new_tokens = max_new_tokens`, the equivalent of `ignore_eos`. Requests are served in order,
-so TTFT here is the service time to the first token, without queueing.
+so TTFT here is the service time to the first token, without queueing. It computes in the dtype
+this CPU runs fast (`loraplex.hardware.choose_dtype`) unless told otherwise.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from bench._workload import (
     chat_messages,
     summarize,
 )
+from loraplex.hardware import choose_dtype
 
 TORCH_THREADS = 2
 DTYPES = ("float32", "bfloat16")
@@ -51,12 +53,13 @@ class _FirstTokenClock:
 
 
 class PeftLoop:
-    def __init__(self, model_dir: Path, adapters: dict[str, Path], *, dtype: str):
+    def __init__(self, model_dir: Path, adapters: dict[str, Path], *, dtype: str | None = None):
         import torch
         from peft import PeftModel
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         torch.set_num_threads(TORCH_THREADS)
+        dtype = dtype or choose_dtype(cuda=False).dtype  # the loop runs on the CPU
         self.dtype = dtype
         self._torch = torch
         self._tokenizer = AutoTokenizer.from_pretrained(model_dir)

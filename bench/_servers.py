@@ -22,6 +22,7 @@ from pathlib import Path
 import httpx
 
 from bench._workload import BASE_MODEL
+from loraplex.hardware import choose_dtype
 
 READY_TIMEOUT_SECONDS = 300.0
 STOP_TIMEOUT_SECONDS = 30.0
@@ -44,7 +45,8 @@ class EngineSettings:
     max_num_seqs: int = 32  # loraplex's default
     kv_cache_gib: int = 2
     max_model_len: int = 2048
-    dtype: str = "bfloat16"
+    # What `loraplex serve` would choose on this machine, unless a benchmark overrides it.
+    dtype: str = field(default_factory=lambda: choose_dtype().dtype)
     seed: int = 0
     extra_env: dict[str, str] = field(default_factory=dict)  # e.g. thread settings
 
@@ -98,13 +100,12 @@ def loraplex_spec(settings: EngineSettings, *, port: int, home: Path) -> LaunchS
         raise ValueError("loraplex serve always runs with seed 0 (it has no seed setting)")
     command = [_venv_bin("loraplex")]
     env = _base_env(settings)
-    launcher_env = {"BENCH_ENGINE_DTYPE", "BENCH_LORA_TARGET_MODULES"}
-    if settings.dtype != "bfloat16" or launcher_env & env.keys():
-        # Settings without a loraplex flag: an experiment-only launcher applies them.
+    if "BENCH_LORA_TARGET_MODULES" in env:
+        # A setting without a loraplex flag: an experiment-only launcher applies it.
         command = [sys.executable, str(Path(__file__).with_name("_loraplex_launcher.py"))]
-        env["BENCH_ENGINE_DTYPE"] = settings.dtype
     argv = [
         *command, "serve", "--port", str(port), "--model", str(settings.model_dir),
+        "--dtype", settings.dtype,
         "--max-loras", str(settings.max_loras), "--max-lora-rank", str(settings.max_lora_rank),
         "--kv-cache-gib", str(settings.kv_cache_gib),
         "--max-model-len", str(settings.max_model_len),

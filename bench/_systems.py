@@ -16,6 +16,7 @@ from bench._machine import ForeignCpu, LoadSample, TreeCpu, process_layout, wait
 from bench._peft_loop import PeftLoop, probe_dtypes
 from bench._servers import EngineSettings, LaunchSpec, free_port, running
 from bench._workload import ScenarioResult, warmup_items, work_items
+from loraplex.hardware import choose_dtype
 
 T = TypeVar("T")
 
@@ -130,9 +131,13 @@ def run_http_system(
 def run_peft(
     settings: EngineSettings, opts: RunOptions, *, dtype: str
 ) -> tuple[dict[str, dict[str, object]], dict[str, object]]:
-    """Measure the peft loop; `dtype` 'auto' probes fp32 and bf16 first and keeps the faster."""
+    """Measure the peft loop in `dtype`: 'auto' is what this CPU runs fast
+    (`loraplex.hardware.choose_dtype`), 'probe' times fp32 and bf16 first and keeps the faster."""
     info: dict[str, object] = {"torch_threads": 2}
     if dtype == "auto":
+        choice = choose_dtype(cuda=False)  # the loop runs on the CPU
+        dtype, info["dtype_reason"] = choice.dtype, choice.reason
+    elif dtype == "probe":
         probe = functools.partial(
             probe_dtypes, settings.model_dir, settings.adapters,
             items=work_items("mixed", requests=4), max_tokens=32,

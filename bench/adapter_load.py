@@ -169,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
         "benchmark": "adapter_load",
         "finished_utc": stamp,
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
-        "machine": machine_info(),
+        "machine": machine_info(engine.dtype),
         "settings": {"samples": args.samples, "rank": 16, "artifact_store": "S3 API (moto)"},
         "raw": raw,
         "summary": summarize(raw),

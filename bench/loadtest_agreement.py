@@ -581,7 +581,7 @@ def main(argv: list[str] | None = None) -> int:
             "started_utc": started,
             "finished_utc": utc_stamp(),
             "command": " ".join([Path(sys.executable).name, *sys.argv]),
-            "machine": machine_info(),
+            "machine": machine_info(settings.dtype),
             "settings": {
                 "requests": args.requests,
                 "concurrency": args.concurrency,

@@ -15,7 +15,8 @@ on the machine hits all alike.
 Scenarios: `--requests` chat requests, `--concurrency` decoded at once (max_num_seqs; the rest
 queue, as a closed loop would), greedy, exactly `--max-tokens` output tokens each (ignore_eos):
 base model only, one adapter, 4 adapters and 8 adapters round-robin. The engine has 8 LoRA
-slots (max_loras 8) in every scenario, so the scenarios differ only in their traffic.
+slots (max_loras 8) in every scenario, so the scenarios differ only in their traffic. The engine
+computes in the dtype `loraplex serve` chooses for this CPU (`--dtype` to override).
 
 Profile, per scenario, in ms per engine step: `step` (EngineCore.step: scheduling + model),
 `forward` (worker execute_model) and `sample` (sample_tokens), and within the forward the LoRA
@@ -47,7 +48,15 @@ from bench._adapters import ALL_ADAPTER_NAMES, ensure_adapters
 from bench._machine import machine_info, sample_foreign_cpu
 from bench._report import write_json
 from bench._workload import PROMPTS
-from bench.serving import RESULTS_DIR, add_model_options, default_home, resolve_model, utc_stamp
+from bench.serving import (
+    RESULTS_DIR,
+    add_dtype_option,
+    add_model_options,
+    default_home,
+    resolve_model,
+    utc_stamp,
+)
+from loraplex.hardware import choose_dtype
 
 OPS = ("vllm", "segmented", "loraplex")
 SCENARIOS: dict[str, tuple[str | None, ...]] = {
@@ -68,6 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ops", default="vllm,loraplex", help=f"comma-separated subset of {OPS}")
     p.add_argument("--scenarios", default=",".join(SCENARIOS), help="comma-separated")
     p.add_argument("--max-lora-rank", type=int, default=16, help="engine's max_lora_rank")
+    add_dtype_option(p)
     add_model_options(p, work_dir_help="bench adapters")
     p.add_argument("--out", type=Path, default=None, help="JSON result file")
     p.add_argument("--worker", type=Path, default=None, help=argparse.SUPPRESS)
@@ -152,7 +162,7 @@ def run_worker(config: dict[str, Any]) -> dict[str, Any]:
         PunicaWrapperCPU.add_lora_linear = PunicaWrapperCPU.add_lora_linear.__wrapped__
     profile = _install_profile()
     llm = LLM(
-        model=config["model"], dtype="bfloat16", max_model_len=2048,
+        model=config["model"], dtype=config["dtype"], max_model_len=2048,
         max_num_seqs=config["concurrency"], enable_lora=True, max_loras=MAX_LORAS,
         max_lora_rank=config["max_lora_rank"], max_cpu_loras=MAX_LORAS, seed=0,
         generation_config="vllm",
@@ -270,7 +280,7 @@ def main(argv: list[str] | None = None) -> int:
         "model": str(model), "adapters": {n: str(p) for n, p in adapters.items()},
         "requests": args.requests, "concurrency": args.concurrency,
         "max_tokens": args.max_tokens, "max_lora_rank": args.max_lora_rank,
-        "scenarios": list(scenarios),
+        "scenarios": list(scenarios), "dtype": choose_dtype(args.dtype).dtype,
     }  # fmt: skip
     runs: dict[str, list[dict[str, Any]]] = {o: [] for o in ops}
     for round_no in range(args.rounds):
@@ -286,8 +296,8 @@ def main(argv: list[str] | None = None) -> int:
     print(json.dumps(ratios, indent=2))
     out = args.out or RESULTS_DIR / f"lora_cpu-{utc_stamp()}.json"
     write_json(out, {
-        "benchmark": "lora_cpu", "machine": machine_info(), "settings": config | {
-            "rounds": args.rounds, "max_loras": MAX_LORAS, "dtype": "bfloat16"},
+        "benchmark": "lora_cpu", "machine": machine_info(config["dtype"]), "settings": config | {
+            "rounds": args.rounds, "max_loras": MAX_LORAS},
         "figures": figures, "ratios": ratios, "runs": runs,
     })  # fmt: skip
     print(f"wrote {out}")

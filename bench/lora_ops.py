@@ -3,7 +3,8 @@
 vLLM's CPU LoRA layers call a shrink and an expand op for every slice of every linear layer that
 LoRA wraps (q/k/v, o, gate/up, down: 7 slices x 2 ops x 30 layers for SmolLM2-135M), whatever
 modules the adapter targets. This replays exactly those calls, with the real weight-stack shapes
-(max_loras slots of rank 16, bf16, fp32 intermediate buffer), on one thread like vLLM's CPU
+(max_loras slots of rank 16, fp32 intermediate buffer, weights and activations in the dtype
+`loraplex serve` chooses for this CPU, `--dtype` to override), on one thread like vLLM's CPU
 worker, for these implementations:
 
   vllm       vLLM's torch ops (gather each row's weights, einsum); rows without adapter are wrong
@@ -33,6 +34,10 @@ from typing import Any
 
 if __package__ in (None, ""):  # run as a script: make `bench` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench._machine import machine_info  # noqa: E402
+from bench.serving import add_dtype_option  # noqa: E402
+from loraplex.hardware import choose_dtype  # noqa: E402
 
 HIDDEN, INTERMEDIATE, KV, LAYERS = 576, 1536, 192, 30
 # (input size, output slices) of each LoRA-wrapped linear layer of one decoder layer
@@ -96,22 +101,25 @@ class Layer:
     slices: tuple[int, ...]
 
 
-def make_layers(*, slots: int, rank: int, attn_only: bool = False, seed: int = 0) -> list[Layer]:
-    """Every LoRA-wrapped layer; with `attn_only` the adapters target q/k/v/o only, so the MLP
-    layers' stacks stay zero (vLLM wraps them all the same)."""
+def make_layers(
+    *, slots: int, rank: int, dtype: str, attn_only: bool = False, seed: int = 0
+) -> list[Layer]:
+    """Every LoRA-wrapped layer, weights in `dtype` (the model's); with `attn_only` the adapters
+    target q/k/v/o only, so the MLP layers' stacks stay zero (vLLM wraps them all the same)."""
     import torch
 
+    weight_dtype = getattr(torch, dtype)
     gen = torch.Generator().manual_seed(seed)
     layers = []
     for index, (in_size, slices) in enumerate(LAYER_SHAPES * LAYERS):
         empty = attn_only and index % len(LAYER_SHAPES) >= 2
         scale = 0.0 if empty else 0.05
         a = tuple(
-            (torch.randn(slots, 1, rank, in_size, generator=gen) * scale).to(torch.bfloat16)
+            (torch.randn(slots, 1, rank, in_size, generator=gen) * scale).to(weight_dtype)
             for _ in slices
         )
         b = tuple(
-            (torch.randn(slots, 1, out, rank, generator=gen) * scale).to(torch.bfloat16)
+            (torch.randn(slots, 1, out, rank, generator=gen) * scale).to(weight_dtype)
             for out in slices
         )
         layers.append(Layer(a=a, b=b, slices=slices))
@@ -130,7 +138,7 @@ def model_step(
         layout = StepLayout.of(indices)  # once per step (update_metadata)
         outputs = []
         for layer in layers:
-            y = torch.zeros(indices.shape[0], sum(layer.slices), dtype=torch.bfloat16)
+            y = torch.zeros(indices.shape[0], sum(layer.slices), dtype=layer.a[0].dtype)
             if layout.present:
                 apply_fused_lora(y, inputs[layer.a[0].shape[-1]], layout, ops.weights(layer))
             outputs.append(y)
@@ -139,7 +147,7 @@ def model_step(
     rows = indices.shape[0]
     for layer in layers:
         x = inputs[layer.a[0].shape[-1]]
-        y = torch.zeros(rows, sum(layer.slices), dtype=torch.bfloat16)
+        y = torch.zeros(rows, sum(layer.slices), dtype=layer.a[0].dtype)
         rank = layer.a[0].shape[-2]
         buffers = [torch.zeros(rows, rank, dtype=torch.float32) for _ in layer.slices]
         for a, buf in zip(layer.a, buffers, strict=True):
@@ -170,7 +178,7 @@ def time_step(ops: Ops | Fused, layers: list[Layer], indices: Any, *, repeats: i
     rows = indices.shape[0]
     gen = torch.Generator().manual_seed(1)
     inputs = {
-        size: torch.randn(rows, size, generator=gen).to(torch.bfloat16)
+        size: torch.randn(rows, size, generator=gen).to(layers[0].a[0].dtype)
         for size in (HIDDEN, INTERMEDIATE)
     }
     model_step(ops, layers, inputs, indices)  # warm-up
@@ -190,9 +198,8 @@ def check_agreement(
 
     indices = row_indices("mixed", 8, slots=slots)
     gen = torch.Generator().manual_seed(2)
-    inputs = {
-        s: torch.randn(8, s, generator=gen).to(torch.bfloat16) for s in (HIDDEN, INTERMEDIATE)
-    }
+    dtype = layers[0].a[0].dtype
+    inputs = {s: torch.randn(8, s, generator=gen).to(dtype) for s in (HIDDEN, INTERMEDIATE)}
     reference = model_step(impls["segmented"], layers[:8], inputs, indices)
     diffs = {}
     for name, ops in impls.items():
@@ -213,8 +220,10 @@ def main(argv: list[str] | None = None) -> int:
         "--attn-only", action="store_true",
         help="adapters on q/k/v/o only: gate_up/down stay wrapped, their weights zero",
     )  # fmt: skip
+    add_dtype_option(p, what="weights' and activations'")
     p.add_argument("--out", type=Path, default=None, help="write the figures as JSON")
     args = p.parse_args(argv)
+    dtype = choose_dtype(args.dtype, cuda=False).dtype  # these ops run on the CPU
 
     import os
 
@@ -223,11 +232,14 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(args.threads)
     impls = implementations()
-    layers = make_layers(slots=args.slots, rank=args.rank, attn_only=args.attn_only)
+    layers = make_layers(slots=args.slots, rank=args.rank, dtype=dtype, attn_only=args.attn_only)
     batches = {"decode x8": (8, 1), "prefill 8x40": (8, 40)}
     figures: dict[str, dict[str, float]] = {}
     wrapped = "qkv, o, gate_up, down" + (" (adapters on qkv, o only)" if args.attn_only else "")
-    print(f"ms of LoRA ops per model step ({LAYERS} layers x {wrapped}; {args.threads} thread(s))")
+    print(
+        f"ms of LoRA ops per model step ({LAYERS} layers x {wrapped}; {args.threads} thread(s), "
+        f"{dtype})"
+    )
     print(f"{'batch':<14} {'rows on':<8} " + " ".join(f"{n:>9}" for n in impls))
     for batch, (seqs, per_seq) in batches.items():
         repeats = args.repeats if per_seq == 1 else max(3, args.repeats // 4)
@@ -245,7 +257,13 @@ def main(argv: list[str] | None = None) -> int:
     print(f"max |difference| from the segmented ops on a mixed batch: {diffs}")
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps({"ms_per_step": figures, "max_abs_diff": diffs}, indent=2))
+        settings = {"slots": args.slots, "rank": args.rank, "threads": args.threads,
+                    "attn_only": args.attn_only, "dtype": dtype}  # fmt: skip
+        document = {
+            "benchmark": "lora_ops", "machine": machine_info(dtype), "settings": settings,
+            "ms_per_step": figures, "max_abs_diff": diffs,
+        }  # fmt: skip
+        args.out.write_text(json.dumps(document, indent=2))
     return 0
 
 

@@ -3,7 +3,9 @@
 The same workload runs against each system: 16 fixed chat prompts (cycled), greedy, a fixed
 number of output tokens (`ignore_eos`), streamed, `--concurrency` requests in flight (closed
 loop; the two servers are driven by the `loadtest` library, see bench/_load.py); scenarios: the
-base model only, one adapter, and four adapters round-robin ("mixed").
+base model only, one adapter, and four adapters round-robin ("mixed"). Both servers compute in
+the dtype `loraplex serve` chooses for this CPU (`--dtype` to override), the peft loop too
+(`--peft-dtype`); the result records the CPU and the dtype.
 Per scenario it records output tokens/s (all output tokens / wall time), median and p90 time to
 first content token, median end-to-end latency, and how much CPU other processes used meanwhile.
 It writes one JSON file and prints the ratios against the targets (see bench/README.md).
@@ -30,6 +32,7 @@ from bench._report import Figures, ratios, table, verdicts, write_json
 from bench._servers import PATCH_FLAG, EngineSettings, loraplex_spec, vllm_spec
 from bench._systems import RunOptions, run_http_system, run_peft
 from bench._workload import PROMPTS, SCENARIOS
+from loraplex.hardware import DTYPES, choose_dtype
 
 SYSTEMS = ("loraplex", "vllm", "peft")
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
@@ -63,6 +66,13 @@ def _env_pair(value: str) -> tuple[str, str]:
     return key, val
 
 
+def add_dtype_option(p: argparse.ArgumentParser, *, what: str = "engine") -> None:
+    p.add_argument(
+        "--dtype", choices=DTYPES, default="auto",
+        help=f"{what} dtype; auto: bf16 where the CPU has it natively, else fp32 (as loraplex)",
+    )  # fmt: skip
+
+
 def add_model_options(p: argparse.ArgumentParser, *, work_dir_help: str) -> None:
     """--model, --home and --work-dir, shared by the benchmarks that start an engine."""
     p.add_argument("--model", type=Path, default=None, help="HF model folder (default: embedded)")
@@ -94,7 +104,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--reuse-from", type=Path, default=None,
         help="take the figures of systems not run (see --only) from this earlier result",
     )  # fmt: skip
-    p.add_argument("--peft-dtype", choices=("auto", "float32", "bfloat16"), default="auto")
+    add_dtype_option(p, what="both servers' engine")
+    p.add_argument(
+        "--peft-dtype", choices=("auto", "probe", "float32", "bfloat16"), default="auto",
+        help="peft loop dtype; auto: as --dtype auto; probe: time fp32 and bf16, keep the faster",
+    )  # fmt: skip
     p.add_argument(
         "--busy-threshold", type=float, default=0.3,
         help="CPU cores other processes may use before a measurement is redone",
@@ -111,10 +125,11 @@ def resolve_model(model: Path | None, home: Path) -> Path:
 
 def engine_settings(
     model_dir: Path, *, work_dir: Path, max_loras: int = 4, max_num_seqs: int = 32,
-    kv_cache_gib: int = 2, env: dict[str, str] | None = None,
+    kv_cache_gib: int = 2, env: dict[str, str] | None = None, dtype: str = "auto",
 ) -> EngineSettings:  # fmt: skip
     """The shared engine settings, with the bench adapters (created on first use)."""
     return EngineSettings(
+        dtype=choose_dtype(dtype).dtype,
         model_dir=model_dir,
         adapters=ensure_adapters(model_dir, work_dir / "adapters"),
         max_loras=max_loras,
@@ -187,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
     settings = engine_settings(
         resolve_model(args.model, home), work_dir=args.work_dir.expanduser(),
         max_loras=args.max_loras, max_num_seqs=args.max_num_seqs,
-        kv_cache_gib=args.kv_cache_gib, env=dict(args.env),
+        kv_cache_gib=args.kv_cache_gib, env=dict(args.env), dtype=args.dtype,
     )  # fmt: skip
     opts = RunOptions(
         requests=args.requests, concurrency=args.concurrency, max_tokens=args.max_tokens,
@@ -205,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
         "started_utc": started,
         "finished_utc": utc_stamp(),
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
-        "machine": machine_info(),
+        "machine": machine_info(settings.dtype),
         "settings": {**settings_json(opts, settings, reused=reuse_note), **extra},
         "results": figures,
         "ratios": ratio_rows,

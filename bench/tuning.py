@@ -27,7 +27,14 @@ from bench._report import write_json
 from bench._servers import EngineSettings, loraplex_spec
 from bench._systems import RunOptions, run_http_system
 from bench._workload import SCENARIOS
-from bench.serving import RESULTS_DIR, default_home, engine_settings, resolve_model, utc_stamp
+from bench.serving import (
+    RESULTS_DIR,
+    add_dtype_option,
+    default_home,
+    engine_settings,
+    resolve_model,
+    utc_stamp,
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,8 +51,8 @@ RESERVE_ONE = {"VLLM_CPU_NUM_OF_RESERVED_CPU": "1"}
 ATTN_ONLY = {"BENCH_LORA_TARGET_MODULES": "qkv_proj,o_proj"}
 EXPERIMENTS: dict[str, Experiment] = {
     "baseline": Experiment(
-        "loraplex defaults: max_num_seqs 32, KV 2 GiB, bf16, auto CPU binding, no core reserved"
-        " on <= 2 CPUs, fused LoRA ops"
+        "loraplex defaults: max_num_seqs 32, KV 2 GiB, the dtype chosen for this CPU (or --dtype),"
+        " auto CPU binding, no core reserved on <= 2 CPUs, fused LoRA ops"
     ),
     "seqs8": Experiment("max_num_seqs 8", max_num_seqs=8),
     "seqs16": Experiment("max_num_seqs 16", max_num_seqs=16),
@@ -65,7 +72,8 @@ EXPERIMENTS: dict[str, Experiment] = {
         "VLLM_CPU_OMP_THREADS_BIND=nobind, OMP_NUM_THREADS=1 (1 thread, unpinned)",
         env={"VLLM_CPU_OMP_THREADS_BIND": "nobind", "OMP_NUM_THREADS": "1"},
     ),
-    "fp32": Experiment("dtype float32 (no loraplex flag: experiment launcher)", dtype="float32"),
+    "fp32": Experiment("dtype float32 (--dtype float32)", dtype="float32"),
+    "bf16": Experiment("dtype bfloat16 (--dtype bfloat16)", dtype="bfloat16"),
     "vllm_ops": Experiment(
         "vLLM's own CPU LoRA ops (--lora-ops vllm)", env={"LORAPLEX_LORA_OPS": "vllm"}
     ),  # fmt: skip
@@ -114,6 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--home", type=Path, default=None)
     p.add_argument("--work-dir", type=Path, default=Path("~/.cache/loraplex-bench"))
     p.add_argument("--busy-threshold", type=float, default=0.3)
+    add_dtype_option(p, what="baseline engine")
     return p
 
 
@@ -187,7 +196,9 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"error: --scenarios {args.scenarios!r}; known: {','.join(SCENARIOS)}")
     started = utc_stamp()
     out = args.out or RESULTS_DIR / f"tuning-{started}.json"
-    base = engine_settings(resolve_model(args.model, home), work_dir=args.work_dir.expanduser())
+    base = engine_settings(
+        resolve_model(args.model, home), work_dir=args.work_dir.expanduser(), dtype=args.dtype
+    )
     opts = RunOptions(
         requests=args.requests, concurrency=args.concurrency, max_tokens=args.max_tokens,
         scenarios=scenarios, work_dir=args.work_dir.expanduser(),
@@ -197,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, dict[str, Any]] = {}
     document: dict[str, object] = {
         "benchmark": "tuning", "started_utc": started, "command": " ".join(sys.argv),
-        "machine": machine_info(), "peft_mixed_output_tokens_per_second": peft_tps,
+        "machine": machine_info(base.dtype), "peft_mixed_output_tokens_per_second": peft_tps,
         "settings": {"requests": opts.requests, "concurrency": opts.concurrency,
                      "max_tokens": opts.max_tokens, "scenarios": list(scenarios)},
         "experiments": results,
