@@ -3,6 +3,9 @@
 `ArtifactStore` is the one interface (file:// and s3:// implement it); it uploads a packed
 folder and fetches one back, verified and unpacked atomically into a folder ready to serve.
 It knows nothing about names or versions: the SQL store records which sha256 is which version.
+Archives are never deleted on a request path: the same bytes may back a version that another
+registration is committing right now. `registry.gc` deletes the unreferenced ones, after a grace
+period measured from each archive's modification time (refreshed whenever bytes are re-stored).
 """
 
 from __future__ import annotations
@@ -12,7 +15,9 @@ import re
 import shutil
 import tempfile
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlsplit
@@ -36,6 +41,15 @@ class StoredArtifact:
     newly_stored: bool  # False when the same bytes were already there
 
 
+@dataclass(frozen=True, slots=True)
+class StoredBlob:
+    """One archive in a store, as a garbage sweep sees it."""
+
+    sha256: str
+    size_bytes: int
+    modified: datetime  # aware, UTC
+
+
 class ArtifactStore(ABC):
     """Blobs keyed by sha256. Subclasses move bytes; this class packs, verifies and unpacks."""
 
@@ -45,7 +59,24 @@ class ArtifactStore(ABC):
     def exists(self, sha256: str) -> bool: ...
 
     @abstractmethod
-    def delete(self, sha256: str) -> None: ...
+    def delete(self, sha256: str) -> None:
+        """Remove the archive; only the garbage sweep (registry.gc) calls this."""
+
+    @abstractmethod
+    def touch(self, sha256: str) -> None:
+        """Make the archive's modification time now, so a sweep's grace period starts over."""
+
+    @abstractmethod
+    def list_blobs(self) -> Iterator[StoredBlob]:
+        """Every archive in the store (in no particular order)."""
+
+    @abstractmethod
+    def modified(self, sha256: str) -> datetime | None:
+        """The archive's modification time, or None when it is not there."""
+
+    def remove_stale_uploads(self, before: datetime, *, dry_run: bool = False) -> int:
+        """Delete leftovers of uploads interrupted before `before`; how many there were."""
+        return 0
 
     @abstractmethod
     def _upload(self, sha256: str, archive: Path) -> None: ...
@@ -59,6 +90,9 @@ class ArtifactStore(ABC):
         with tempfile.TemporaryDirectory(prefix="loraplex-pack-") as tmp:
             packed = pack_folder(folder, Path(tmp) / f"adapter{ARCHIVE_SUFFIX}")
             if self.exists(packed.sha256):
+                # These bytes may be an orphan about to be swept; a fresh mtime keeps them for
+                # the grace period, time enough to commit the row that references them.
+                self.touch(packed.sha256)
                 return StoredArtifact(packed.sha256, packed.size_bytes, newly_stored=False)
             self._upload(packed.sha256, packed.path)
         return StoredArtifact(packed.sha256, packed.size_bytes, newly_stored=True)
@@ -113,7 +147,42 @@ class FileArtifactStore(ArtifactStore):
         return self._path(sha256).is_file()
 
     def delete(self, sha256: str) -> None:
-        self._path(sha256).unlink(missing_ok=True)
+        try:
+            self._path(sha256).unlink(missing_ok=True)
+        except OSError as e:
+            raise ArtifactStoreError(f"cannot delete artifact {sha256} in {self.root}: {e}") from e
+
+    def touch(self, sha256: str) -> None:
+        try:
+            os.utime(self._path(sha256))
+        except FileNotFoundError:
+            pass  # swept meanwhile: the caller re-stores it after committing (service.py)
+        except OSError as e:
+            raise ArtifactStoreError(f"cannot touch artifact {sha256} in {self.root}: {e}") from e
+
+    def list_blobs(self) -> Iterator[StoredBlob]:
+        for path in sorted(self.root.glob(f"??/*{ARCHIVE_SUFFIX}")):
+            sha256 = path.name.removesuffix(ARCHIVE_SUFFIX)
+            if not _SHA256.match(sha256) or path.parent.name != sha256[:2]:
+                continue
+            try:
+                stat = path.stat()
+            except FileNotFoundError:
+                continue
+            yield StoredBlob(sha256, stat.st_size, _utc(stat.st_mtime))
+
+    def modified(self, sha256: str) -> datetime | None:
+        try:
+            return _utc(self._path(sha256).stat().st_mtime)
+        except FileNotFoundError:
+            return None
+
+    def remove_stale_uploads(self, before: datetime, *, dry_run: bool = False) -> int:
+        stale = [p for p in self.root.glob("??/.upload-*") if _utc(p.stat().st_mtime) < before]
+        if not dry_run:
+            for path in stale:
+                path.unlink(missing_ok=True)
+        return len(stale)
 
     def _upload(self, sha256: str, archive: Path) -> None:
         target = self._path(sha256)
@@ -170,6 +239,47 @@ class S3ArtifactStore(ArtifactStore):
         except _boto_errors() as e:
             raise self._store_error("delete", sha256, e) from e
 
+    def touch(self, sha256: str) -> None:
+        # S3 has no utime: copying the object onto itself with new metadata is the documented
+        # way to refresh LastModified.
+        key = self._key(sha256)
+        try:
+            self.client.copy_object(
+                Bucket=self.bucket,
+                Key=key,
+                CopySource={"Bucket": self.bucket, "Key": key},
+                Metadata={"sha256": sha256},
+                MetadataDirective="REPLACE",
+            )
+        except _boto_errors() as e:
+            if _s3_error_code(e) in {"404", "NoSuchKey", "NotFound"}:
+                return  # swept meanwhile: the caller re-stores it after committing
+            raise self._store_error("touch", sha256, e) from e
+
+    def list_blobs(self) -> Iterator[StoredBlob]:
+        prefix = f"{self.prefix}/" if self.prefix else ""
+        try:
+            pages = self.client.get_paginator("list_objects_v2").paginate(
+                Bucket=self.bucket, Prefix=prefix
+            )
+            for page in pages:
+                for item in page.get("Contents", []):
+                    name = item["Key"].removeprefix(prefix)
+                    sha256 = name.removesuffix(ARCHIVE_SUFFIX)
+                    if name.endswith(ARCHIVE_SUFFIX) and _SHA256.match(sha256):
+                        yield StoredBlob(sha256, item["Size"], item["LastModified"])
+        except _boto_errors() as e:
+            raise ArtifactStoreError(f"cannot list artifacts in {self.url}: {e}") from e
+
+    def modified(self, sha256: str) -> datetime | None:
+        try:
+            head = self.client.head_object(Bucket=self.bucket, Key=self._key(sha256))
+        except _boto_errors() as e:
+            if _s3_error_code(e) in {"404", "NoSuchKey", "NotFound"}:
+                return None
+            raise self._store_error("look up", sha256, e) from e
+        return head["LastModified"]
+
     def _upload(self, sha256: str, archive: Path) -> None:
         extra = {"Metadata": {"sha256": sha256}, "ChecksumAlgorithm": "SHA256"}
         try:
@@ -214,6 +324,10 @@ def check_sha256(sha256: str) -> str:
     if not _SHA256.match(sha256):
         raise ArtifactIntegrityError(f"{sha256!r} is not a sha256 hex digest")
     return sha256
+
+
+def _utc(timestamp: float) -> datetime:
+    return datetime.fromtimestamp(timestamp, UTC)
 
 
 def _boto_errors() -> tuple[type[Exception], ...]:

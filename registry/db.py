@@ -3,19 +3,30 @@
 `open_engine` brings any database to the newest schema with Alembic, run in code from the
 scripts shipped in registry/migrations, so a fresh file is created and an old one upgraded.
 SQLite write transactions start with BEGIN IMMEDIATE so concurrent writers queue, not collide.
+`database_errors` is the one place where driver errors become the registry's own.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Engine, create_engine, event, inspect, text
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import ArgumentError, SQLAlchemyError
+from sqlalchemy.exc import (
+    ArgumentError,
+    DBAPIError,
+    IntegrityError,
+    InterfaceError,
+    OperationalError,
+    SQLAlchemyError,
+)
+from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from sqlalchemy.pool import StaticPool
 
-from registry.errors import RegistryDatabaseError
+from registry.errors import RegistryDatabaseError, RegistryUnavailableError
 
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
 # The newest migration's revision; tests check it against the scripts. Lets `open_engine` skip
@@ -32,6 +43,11 @@ def open_engine(url: str) -> Engine:
     try:
         if current_revision(engine) != SCHEMA_HEAD:
             upgrade_schema(engine)
+    except (OperationalError, InterfaceError, PoolTimeoutError) as e:
+        engine.dispose()
+        raise RegistryUnavailableError(
+            f"cannot open registry database {_safe(url)}: {_reason(e)}"
+        ) from e
     except SQLAlchemyError as e:
         engine.dispose()
         raise RegistryDatabaseError(f"cannot open registry database {_safe(url)}: {e}") from e
@@ -57,6 +73,36 @@ def create_registry_engine(url: str) -> Engine:
         f"unsupported registry database {parsed.get_backend_name()!r} in {_safe(url)}; "
         f"expected one of {', '.join(SUPPORTED_DATABASES)}"
     )
+
+
+@contextmanager
+def database_errors(where: str) -> Iterator[None]:
+    """Turn the driver's failures inside the block into RegistryUnavailableError.
+
+    Every way a database stops answering (refused or dropped connections, a stopped server, a
+    pool timeout, an unreadable or corrupt SQLite file) reaches callers as that one error, so
+    the HTTP layer answers 503 and the CLI prints one line. Constraint violations are not an
+    outage: they pass through (the store prevents them; one reaching here is a bug).
+    """
+    try:
+        yield
+    except IntegrityError:
+        raise
+    except (DBAPIError, PoolTimeoutError) as e:
+        raise RegistryUnavailableError(
+            f"the registry database {where} cannot be reached: {_reason(e)}"
+        ) from e
+
+
+def safe_url(engine: Engine) -> str:
+    """The engine's URL with any password hidden, for messages."""
+    return engine.url.render_as_string(hide_password=True)
+
+
+def _reason(error: Exception) -> str:
+    """The driver's own message on one line (SQLAlchemy's adds SQL and a docs link)."""
+    reason = " ".join(str(getattr(error, "orig", None) or error).split())
+    return reason if len(reason) <= 300 else reason[:297] + "..."
 
 
 def write_engine(engine: Engine) -> Engine:

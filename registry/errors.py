@@ -15,6 +15,7 @@ RegistryError
 │   ├── ArtifactIntegrityError         bytes do not match their sha256, or an unsafe archive
 │   └── ArtifactStoreError             the store itself failed (I/O, S3, missing bucket)
 ├── RegistryDatabaseError              the metadata database cannot be opened or migrated
+├── RegistryUnavailableError           the metadata database cannot be reached (or read) now
 └── ImmutableRecordError               code tried to change a version or an alias event
 """
 
@@ -88,6 +89,11 @@ class ArtifactStoreError(ArtifactError):
 
 class RegistryDatabaseError(RegistryError):
     pass
+
+
+class RegistryUnavailableError(RegistryError):
+    """The metadata database cannot be reached or read right now (down, refusing connections,
+    unreadable); the request itself may be fine, so retrying later may work."""
 
 
 class ImmutableRecordError(RegistryError):

@@ -109,6 +109,10 @@ def sha256_in_use(session: Session, sha256: str) -> bool:
     )
 
 
+def referenced_sha256s(session: Session) -> set[str]:
+    return set(session.exec(select(VersionRow.sha256).distinct()).all())
+
+
 def find_adapter_row(session: Session, name: str) -> AdapterRow | None:
     return session.exec(select(AdapterRow).where(AdapterRow.name == name)).first()
 

@@ -1,9 +1,11 @@
 """The registry as callers use it: a metadata store and an artifact store opened from settings.
 
 `Registry.register` is the one path by which an adapter folder becomes a version: validate
-(every problem at once, base model included), upload the archive, then write the row, which is
-the commit point. Reads and alias moves are the store's (`registry.store`), fetches the
-artifact store's (`registry.artifacts`); this module only wires them together.
+(every problem at once, against the base model it will be served on), upload the archive, then
+write the row, which is the commit point. A failed commit leaves the archive in place (other
+registrations may be committing the same bytes); `sweep_orphans` deletes it after a grace
+period. Reads and alias moves are the store's (`registry.store`), fetches the artifact store's
+(`registry.artifacts`); this module only wires them together.
 """
 
 from __future__ import annotations
@@ -15,9 +17,11 @@ from types import TracebackType
 from typing import Any
 
 from registry.artifacts import ArtifactStore, open_artifact_store
-from registry.errors import AdapterRejectedError
+from registry.base_model import BaseModel, load_base_model
+from registry.errors import AdapterRejectedError, ArtifactIntegrityError
+from registry.gc import DEFAULT_GRACE_SECONDS, SweepReport, sweep_orphans
 from registry.records import VersionRecord
-from registry.refs import base_model_identity, check_name
+from registry.refs import check_name
 from registry.settings import RegistrySettings
 from registry.store import RegistryStore, VersionSpec, base_mismatch
 from registry.validation import ADAPTER_CONFIG, AdapterManifest, validate_adapter_dir
@@ -34,26 +38,26 @@ class Registry:
         artifacts: ArtifactStore,
         *,
         max_lora_rank: int = 16,
-        default_base_model: str = "smollm2",
+        base: BaseModel | None = None,
         max_adapter_bytes: int = DEFAULT_MAX_ADAPTER_BYTES,
     ) -> None:
         self.store = store
         self.artifacts = artifacts
         self.max_lora_rank = max_lora_rank
-        self.default_base_model = base_model_identity(default_base_model)
+        self.base = base or load_base_model("smollm2", None, embedded=True)
         self.max_adapter_bytes = max_adapter_bytes
 
     @classmethod
     def open(cls, settings: RegistrySettings) -> Registry:
         """Open (and migrate) the database and the artifact store the settings name."""
         artifacts = open_artifact_store(settings.artifacts_url())
-        store = RegistryStore.open(settings.database_url())
-        return cls(
-            store,
-            artifacts,
-            max_lora_rank=settings.max_lora_rank,
-            default_base_model=settings.base_model,
+        base = load_base_model(
+            settings.base_model,
+            settings.base_model_folder(),
+            embedded=settings.base_model_dir is None,
         )
+        store = RegistryStore.open(settings.database_url())
+        return cls(store, artifacts, max_lora_rank=settings.max_lora_rank, base=base)
 
     def close(self) -> None:
         self.store.close()
@@ -95,31 +99,48 @@ class Registry:
             target_modules=manifest.target_modules,
             tags=dict(tags or {}),
             lineage=dict(lineage or {}),
+            same_base=self.base.names,
         )
-        try:
-            return self.store.add_version(name, spec, actor=actor)
-        except BaseException:
-            # The row is the commit point: without it the upload is an orphan, unless another
-            # version already holds the same bytes.
-            if stored.newly_stored and not self.store.sha256_in_use(stored.sha256):
-                self.artifacts.delete(stored.sha256)
-            raise
+        # No cleanup on failure: deleting here could remove bytes that a concurrent registration
+        # of the same content has just committed a row for. The sweep removes true orphans.
+        version = self.store.add_version(name, spec, actor=actor)
+        self._ensure_stored(version, folder)
+        return version
+
+    def sweep_orphans(
+        self, *, grace_seconds: float = DEFAULT_GRACE_SECONDS, dry_run: bool = False
+    ) -> SweepReport:
+        """Delete archives no version references, older than `grace_seconds` (registry.gc)."""
+        return sweep_orphans(
+            self.store, self.artifacts, grace_seconds=grace_seconds, dry_run=dry_run
+        )
 
     def fetch(self, version: VersionRecord, dest_dir: Path) -> Path:
         """Download `version`'s archive, verify its sha256 and unpack it into `dest_dir`."""
         return self.artifacts.fetch(version.sha256, dest_dir)
 
+    def _ensure_stored(self, version: VersionRecord, folder: Path) -> None:
+        """After the commit: if a sweep removed these bytes before the row existed (a sweep
+        running longer than its grace period), store them again from the folder."""
+        if self.artifacts.exists(version.sha256):
+            return
+        again = self.artifacts.upload_folder(folder)
+        if again.sha256 != version.sha256:
+            raise ArtifactIntegrityError(
+                f"{version.ref}: {folder} changed while it was being registered "
+                f"(now {again.sha256}); register it again"
+            )
+
     def _check(
         self, name: str, folder: Path, *, tags: Mapping[str, str], lineage: Mapping[str, Any]
     ) -> tuple[str, AdapterManifest]:
         report = validate_adapter_dir(
-            folder, max_rank=self.max_lora_rank, max_bytes=self.max_adapter_bytes
+            folder, max_rank=self.max_lora_rank, max_bytes=self.max_adapter_bytes, base=self.base
         )
         problems = list(report.problems)
-        declared = declared_base_model(folder)
-        base_model = base_model_identity(declared) if declared else self.default_base_model
+        base_model = self.base.canonical(declared_base_model(folder))
         expected = self.store.find_base_model(name)
-        if expected is not None and expected != base_model:
+        if expected is not None and not self.base.same(expected, base_model):
             problems.append(base_mismatch(name, declared=base_model, expected=expected))
         problems.extend(_metadata_problems(tags=tags, lineage=lineage))
         if problems or report.manifest is None:

@@ -11,6 +11,8 @@ from pathlib import Path
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from registry.base_model import EMBEDDED_MODEL_FOLDER
+
 
 class RegistrySettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="LORAPLEX_", extra="ignore")
@@ -25,11 +27,21 @@ class RegistrySettings(BaseSettings):
     max_lora_rank: int = Field(default=16, ge=1, description="largest rank accepted")
     base_model: str = Field(
         default="smollm2",
-        description="base model identity recorded when an adapter's config names none",
+        description="identity recorded for the base model adapters are served on",
+    )
+    base_model_dir: Path | None = Field(
+        default=None,
+        description="folder (config.json) of the base model adapters are checked against; "
+        "default: the embedded model's folder under the data dir",
     )
 
     def data_dir(self) -> Path:
         return self.home.expanduser()
+
+    def base_model_folder(self) -> Path:
+        return (
+            self.base_model_dir or self.data_dir() / "models" / EMBEDDED_MODEL_FOLDER
+        ).expanduser()
 
     def database_url(self) -> str:
         return self.registry or f"sqlite:///{self.data_dir() / 'registry.db'}"

@@ -3,6 +3,8 @@
 Each write is one transaction that first locks the adapter's row (SELECT ... FOR UPDATE on
 PostgreSQL, BEGIN IMMEDIATE on SQLite), so version numbers never collide and alias moves
 never interleave. It stores sha256s, not bytes (artifacts.py) and validates no files (service.py).
+Every session runs inside `database_errors`, so a database outage reaches callers as one
+RegistryUnavailableError, never as a driver exception.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlmodel import Session, select
 
 from registry import queries
-from registry.db import open_engine, write_engine
+from registry.db import database_errors, open_engine, safe_url, write_engine
 from registry.errors import AdapterRejectedError, NothingToRollBackError
 from registry.queries import adapter_not_found, alias_move, require_version, version_record
 from registry.records import AdapterSummary, AliasMove, RoutingSnapshot, VersionRecord
@@ -48,6 +50,9 @@ class VersionSpec:
     target_modules: tuple[str, ...]
     tags: dict[str, str] = field(default_factory=dict)
     lineage: dict[str, Any] = field(default_factory=dict)
+    # Identities that mean the same model as base_model (registry.base_model.BaseModel.names):
+    # a name first registered under one of them accepts this version.
+    same_base: frozenset[str] = frozenset()
 
 
 class RegistryStore:
@@ -56,6 +61,7 @@ class RegistryStore:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
         self._write_engine = write_engine(engine)
+        self._where = safe_url(engine)
 
     @classmethod
     def open(cls, url: str) -> RegistryStore:
@@ -67,12 +73,16 @@ class RegistryStore:
 
     @contextmanager
     def read(self) -> Iterator[Session]:
-        with Session(self.engine, expire_on_commit=False) as session:
+        with database_errors(self._where), Session(self.engine, expire_on_commit=False) as session:
             yield session
 
     @contextmanager
     def _write(self) -> Iterator[Session]:
-        with Session(self._write_engine, expire_on_commit=False) as session, session.begin():
+        with (
+            database_errors(self._where),
+            Session(self._write_engine, expire_on_commit=False) as session,
+            session.begin(),
+        ):
             yield session
 
     # Reads: each in its own short session.
@@ -118,6 +128,11 @@ class RegistryStore:
         with self.read() as session:
             return queries.sha256_in_use(session, sha256)
 
+    def referenced_sha256s(self) -> set[str]:
+        """Every sha256 some version row references (what a garbage sweep must keep)."""
+        with self.read() as session:
+            return queries.referenced_sha256s(session)
+
     # Writes: each one transaction, under the adapter's row lock.
 
     def add_version(self, name: str, spec: VersionSpec, *, actor: str) -> VersionRecord:
@@ -125,7 +140,8 @@ class RegistryStore:
         check_name(name)
         with self._write() as session:
             adapter = self._ensure_adapter(session, name, base_model=spec.base_model, actor=actor)
-            if adapter.base_model != spec.base_model:
+            same = {adapter.base_model, spec.base_model} <= spec.same_base
+            if adapter.base_model != spec.base_model and not same:
                 raise AdapterRejectedError(
                     name,
                     [base_mismatch(name, declared=spec.base_model, expected=adapter.base_model)],
@@ -138,7 +154,7 @@ class RegistryStore:
                 number=(latest or 0) + 1,
                 sha256=spec.sha256,
                 size_bytes=spec.size_bytes,
-                base_model=spec.base_model,
+                base_model=adapter.base_model,  # one name, one recorded base
                 rank=spec.rank,
                 alpha=spec.alpha,
                 target_modules=list(spec.target_modules),
