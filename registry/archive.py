@@ -2,19 +2,26 @@
 
 Packing sorts entries and fixes mtimes, owners and modes, so the same files always give the
 same bytes and the same sha256. Unpacking accepts only plain files and folders inside the
-target (no links, devices, absolute paths or `..`). Transport and storage live in artifacts.py.
+target (no links, devices, sparse files, absolute paths or `..`), a bounded number of entries
+and of bytes; `gunzip_capped` decompresses with a cap, for archives a client uploads.
+Transport and storage live in artifacts.py.
 """
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import tarfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
-from registry.errors import ArtifactIntegrityError
+from registry.errors import ArchiveTooLargeError, ArtifactIntegrityError
 
 ARCHIVE_SUFFIX = ".tar"
+# An adapter folder holds a config, weights and perhaps tokenizer files and a README.
+DEFAULT_MAX_MEMBERS = 1000
+DEFAULT_MAX_UNPACKED_BYTES = 2 * 1024**3 + 64 * 1024**2
 _CHUNK = 1024 * 1024
 _FILE_MODE = 0o644
 _DIR_MODE = 0o755
@@ -69,21 +76,57 @@ def verify_file(path: Path, *, sha256: str) -> None:
         )
 
 
-def unpack_archive(archive: Path, target: Path) -> None:
-    """Extract into the existing empty folder `target`, refusing anything but files and folders."""
+def unpack_archive(
+    archive: Path,
+    target: Path,
+    *,
+    max_bytes: int = DEFAULT_MAX_UNPACKED_BYTES,
+    max_members: int = DEFAULT_MAX_MEMBERS,
+) -> None:
+    """Extract into the existing empty folder `target`, refusing anything but files and folders,
+    more than `max_members` entries, or more than `max_bytes` of file contents."""
     try:
         with tarfile.open(archive, mode="r:") as tar:
-            members = tar.getmembers()
-            for member in members:
+            members: list[tarfile.TarInfo] = []
+            total = 0
+            for member in tar:  # headers one at a time: a huge member list is never built
+                if len(members) == max_members:
+                    raise ArtifactIntegrityError(f"archive has more than {max_members} entries")
                 _check_member(member)
+                total += member.size
+                if total > max_bytes:
+                    raise ArchiveTooLargeError(f"archive unpacks to more than {max_bytes} bytes")
+                members.append(member)
             tar.extractall(target, members=members, filter="data")
     except (tarfile.TarError, OSError) as e:
         raise ArtifactIntegrityError(f"cannot unpack artifact {archive.name}: {e}") from e
 
 
+def is_gzip(path: Path) -> bool:
+    with path.open("rb") as f:
+        return f.read(2) == b"\x1f\x8b"
+
+
+def gunzip_capped(source: Path, dest: Path, *, max_bytes: int) -> int:
+    """Decompress gzip `source` into `dest`, stopping past `max_bytes`; the bytes written."""
+    written = 0
+    try:
+        with gzip.open(source, "rb") as src, dest.open("wb") as out:
+            while chunk := src.read(_CHUNK):
+                written += len(chunk)
+                if written > max_bytes:
+                    raise ArchiveTooLargeError(
+                        f"the archive decompresses to more than {max_bytes} bytes"
+                    )
+                out.write(chunk)
+    except (OSError, EOFError, zlib.error) as e:
+        raise ArtifactIntegrityError(f"the archive is not valid gzip: {e}") from e
+    return written
+
+
 def _check_member(member: tarfile.TarInfo) -> None:
     path = PurePosixPath(member.name)
-    if not (member.isfile() or member.isdir()):
+    if not (member.isfile() or member.isdir()) or member.issparse():
         raise ArtifactIntegrityError(f"archive entry {member.name!r} is not a plain file or folder")
     if path.is_absolute() or ".." in path.parts or "\\" in member.name or not member.name:
         raise ArtifactIntegrityError(f"archive entry {member.name!r} points outside the adapter")

@@ -1,7 +1,7 @@
 """`loraplex registry ...`: parse flags, build RegistrySettings, call one registry function, print.
 
 Every expected failure prints one line `error: ...` on stderr and exits 2 (the request) or 1
-(the database or artifact store). `--json` prints machine-readable results on stdout. The
+(the database or artifact store, unreachable ones included: RegistryUnavailableError). `--json` prints machine-readable results on stdout. The
 registry itself is imported when a command runs, so `loraplex --help` stays quick.
 """
 
@@ -225,6 +225,31 @@ def history(
         for m in moves
     ]
     print_table(("at (UTC)", "alias", "kind", "move", "actor", "reason"), rows, empty="no moves")
+
+
+@app.command()
+def gc(
+    grace_seconds: Annotated[
+        float,
+        typer.Option("--grace-seconds", min=0, help="keep unreferenced archives younger than this"),
+    ] = 3600,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="list, delete nothing")] = False,
+    json_output: JsonOpt = False,
+    registry: RegistryOpt = None,
+    artifacts: ArtifactsOpt = None,
+    home: HomeOpt = None,
+) -> None:
+    """Delete archives that no version references (failed or abandoned registrations)."""
+    with opened_registry(home=home, registry=registry, artifacts=artifacts) as reg:
+        report = reg.sweep_orphans(grace_seconds=grace_seconds, dry_run=dry_run)
+    verb = "would remove" if dry_run else "removed"
+    lines = [
+        f"{verb} {len(report.removed)} unreferenced archive(s), {report.removed_bytes} bytes; "
+        f"kept {report.kept_referenced} in use and {report.kept_recent} younger than "
+        f"{grace_seconds:g} s"
+    ]
+    lines += [f"  {blob.sha256} {blob.size_bytes} bytes" for blob in report.removed]
+    emit(report.to_json(), "\n".join(lines), as_json=json_output)
 
 
 def describe_move(move: AliasMove) -> str:

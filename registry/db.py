@@ -90,7 +90,7 @@ def database_errors(where: str) -> Iterator[None]:
         raise
     except (DBAPIError, PoolTimeoutError) as e:
         raise RegistryUnavailableError(
-            f"the registry database {where} cannot be reached: {_reason(e)}"
+            f"the registry database {where} is unavailable: {_reason(e)}"
         ) from e
 
 

@@ -13,6 +13,7 @@ RegistryError
 ├── ArtifactError                      moving adapter archives (CLI exit 1)
 │   ├── ArtifactNotFoundError          the store has no archive for that sha256
 │   ├── ArtifactIntegrityError         bytes do not match their sha256, or an unsafe archive
+│   │   └── ArchiveTooLargeError       an archive unpacks (or decompresses) beyond its cap
 │   └── ArtifactStoreError             the store itself failed (I/O, S3, missing bucket)
 ├── RegistryDatabaseError              the metadata database cannot be opened or migrated
 ├── RegistryUnavailableError           the metadata database cannot be reached (or read) now
@@ -80,6 +81,10 @@ class ArtifactNotFoundError(ArtifactError):
 
 
 class ArtifactIntegrityError(ArtifactError):
+    pass
+
+
+class ArchiveTooLargeError(ArtifactIntegrityError):
     pass
 
 

@@ -67,17 +67,30 @@ class _Cluster:
 
     def start(self) -> str:
         self.run("initdb", "-U", "postgres", "-A", "trust", "-E", "UTF8", "--no-sync")
-        options = (
+        self.run("pg_ctl", "-l", str(self.log), "-o", self._options(), "-w", "-t", "60", "start")
+        self.started = True
+        return self.url
+
+    @property
+    def url(self) -> str:
+        return f"postgresql+psycopg://postgres@127.0.0.1:{self.port}/postgres"
+
+    def _options(self) -> str:
+        return (
             f"-c listen_addresses=127.0.0.1 -p {self.port} -c unix_socket_directories={self.root}"
             " -c fsync=off -c synchronous_commit=off -c full_page_writes=off"
             " -c max_connections=200"
         )
-        self.run("pg_ctl", "-l", str(self.log), "-o", options, "-w", "-t", "60", "start")
-        self.started = True
-        return f"postgresql+psycopg://postgres@127.0.0.1:{self.port}/postgres"
 
-    def stop(self) -> None:
-        self.run("pg_ctl", "-m", "immediate", "-w", "stop")
+    def stop(self, *, mode: str = "immediate") -> None:
+        """Stop the server; "immediate" may lose recent commits (fsync is off), "fast" not."""
+        self.run("pg_ctl", "-m", mode, "-w", "stop")
+        self.started = False
+
+    def resume(self) -> None:
+        """Start a stopped cluster again (same data, same port)."""
+        self.run("pg_ctl", "-l", str(self.log), "-o", self._options(), "-w", "-t", "60", "start")
+        self.started = True
 
 
 @contextmanager
@@ -92,12 +105,7 @@ def throwaway_postgres(bindir: Path) -> Iterator[str]:
         shutil.rmtree(cluster.root, ignore_errors=True)
 
 
-@pytest.fixture(scope="session")
-def postgres_server() -> Iterator[str]:
-    """A PostgreSQL URL whose role may create databases."""
-    if url := os.environ.get("LORAPLEX_TEST_POSTGRES_URL"):
-        yield url
-        return
+def _require_postgres_binaries() -> Path:
     bindir = _postgres_bindir()
     if bindir is None:
         message = (
@@ -107,8 +115,41 @@ def postgres_server() -> Iterator[str]:
         if os.environ.get("CI", "").lower() in {"1", "true", "yes"}:
             pytest.fail(message)
         pytest.skip(message)
-    with throwaway_postgres(bindir) as url:
+    return bindir
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[str]:
+    """A PostgreSQL URL whose role may create databases."""
+    if url := os.environ.get("LORAPLEX_TEST_POSTGRES_URL"):
         yield url
+        return
+    with throwaway_postgres(_require_postgres_binaries()) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def stoppable_postgres() -> Iterator[_Cluster]:
+    """A cluster of this module's own that tests may stop (`.stop(mode="fast")`, `.resume()`).
+    Always local binaries: an outside server (LORAPLEX_TEST_POSTGRES_URL) cannot be stopped."""
+    cluster = _Cluster(_require_postgres_binaries())
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        if cluster.started:
+            cluster.stop()
+        shutil.rmtree(cluster.root, ignore_errors=True)
+
+
+@pytest.fixture
+def outage_postgres(stoppable_postgres: _Cluster) -> Iterator[_Cluster]:
+    """The stoppable cluster, running at the start of each test and again after it."""
+    if not stoppable_postgres.started:
+        stoppable_postgres.resume()
+    yield stoppable_postgres
+    if not stoppable_postgres.started:
+        stoppable_postgres.resume()
 
 
 def _admin_dsn(url: str) -> str:
