@@ -17,6 +17,7 @@ from sqlalchemy import Engine, create_engine, event, inspect, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import (
     ArgumentError,
+    DataError,
     DBAPIError,
     IntegrityError,
     InterfaceError,
@@ -81,12 +82,13 @@ def database_errors(where: str) -> Iterator[None]:
 
     Every way a database stops answering (refused or dropped connections, a stopped server, a
     pool timeout, an unreadable or corrupt SQLite file) reaches callers as that one error, so
-    the HTTP layer answers 503 and the CLI prints one line. Constraint violations are not an
-    outage: they pass through (the store prevents them; one reaching here is a bug).
+    the HTTP layer answers 503 and the CLI prints one line. Constraint violations and values
+    that do not fit a column are not an outage: they pass through (the store's checks prevent
+    them; one reaching here is a bug).
     """
     try:
         yield
-    except IntegrityError:
+    except (IntegrityError, DataError):
         raise
     except (DBAPIError, PoolTimeoutError) as e:
         raise RegistryUnavailableError(

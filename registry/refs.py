@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from registry.errors import InvalidReferenceError
 
 DEFAULT_ALIAS = "production"
+MAX_ACTOR_CHARS = 128  # the actor columns' width
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 _ALIAS = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,31}$")
@@ -44,6 +45,15 @@ def check_alias(alias: str) -> str:
             f"invalid alias {alias!r}: use 1-32 letters, digits, '_' or '-', starting with a letter"
         )
     return alias
+
+
+def check_actor(actor: str) -> str:
+    """Return `actor` (who registers or moves an alias) if it is 1-128 printable characters."""
+    if not actor or len(actor) > MAX_ACTOR_CHARS or not actor.isprintable():
+        raise InvalidReferenceError(
+            f"invalid actor {actor[:40]!r}: use 1-{MAX_ACTOR_CHARS} printable characters"
+        )
+    return actor
 
 
 def check_version(version: int) -> int:

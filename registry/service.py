@@ -21,12 +21,13 @@ from registry.base_model import BaseModel, load_base_model
 from registry.errors import AdapterRejectedError, ArtifactIntegrityError
 from registry.gc import DEFAULT_GRACE_SECONDS, SweepReport, sweep_orphans
 from registry.records import VersionRecord
-from registry.refs import check_name
+from registry.refs import check_actor, check_name
 from registry.settings import RegistrySettings
 from registry.store import RegistryStore, VersionSpec, base_mismatch
 from registry.validation import ADAPTER_CONFIG, AdapterManifest, validate_adapter_dir
 
 DEFAULT_MAX_ADAPTER_BYTES = 2 * 1024**3
+MAX_BASE_MODEL_CHARS = 512  # the base_model columns' width
 
 
 class Registry:
@@ -87,6 +88,7 @@ class Registry:
         Raises AdapterRejectedError listing every problem; then nothing was stored.
         """
         check_name(name)
+        check_actor(actor)
         folder = Path(folder)
         base_model, manifest = self._check(name, folder, tags=tags or {}, lineage=lineage or {})
         stored = self.artifacts.upload_folder(folder)
@@ -139,6 +141,9 @@ class Registry:
         )
         problems = list(report.problems)
         base_model = self.base.canonical(declared_base_model(folder))
+        if len(base_model) > MAX_BASE_MODEL_CHARS:
+            problems.append(f"base_model_name_or_path is over {MAX_BASE_MODEL_CHARS} characters")
+            base_model = base_model[:MAX_BASE_MODEL_CHARS]
         expected = self.store.find_base_model(name)
         if expected is not None and not self.base.same(expected, base_model):
             problems.append(base_mismatch(name, declared=base_model, expected=expected))

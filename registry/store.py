@@ -25,7 +25,14 @@ from registry.db import database_errors, open_engine, safe_url, write_engine
 from registry.errors import AdapterRejectedError, NothingToRollBackError
 from registry.queries import adapter_not_found, alias_move, require_version, version_record
 from registry.records import AdapterSummary, AliasMove, RoutingSnapshot, VersionRecord
-from registry.refs import DEFAULT_ALIAS, AdapterRef, check_alias, check_name, check_version
+from registry.refs import (
+    DEFAULT_ALIAS,
+    AdapterRef,
+    check_actor,
+    check_alias,
+    check_name,
+    check_version,
+)
 from registry.tables import (
     AdapterRow,
     AliasEventRow,
@@ -138,6 +145,7 @@ class RegistryStore:
     def add_version(self, name: str, spec: VersionSpec, *, actor: str) -> VersionRecord:
         """Record the next version of `name` (creating the name, whose base it fixes)."""
         check_name(name)
+        check_actor(actor)
         with self._write() as session:
             adapter = self._ensure_adapter(session, name, base_model=spec.base_model, actor=actor)
             same = {adapter.base_model, spec.base_model} <= spec.same_base
@@ -173,6 +181,7 @@ class RegistryStore:
         """Point `alias` of `name` at `version`; a no-op (changed=False) if it already does."""
         check_version(version)
         check_alias(alias)
+        check_actor(actor)
         with self._write() as session:
             adapter = self._lock_adapter(session, name)
             require_version(session, adapter, version)
@@ -202,6 +211,7 @@ class RegistryStore:
         rollback, rollback gives 2, then 1; a further rollback has nothing to return to.
         """
         check_alias(alias)
+        check_actor(actor)
         with self._write() as session:
             adapter = self._lock_adapter(session, name)
             events = session.exec(

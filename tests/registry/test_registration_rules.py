@@ -131,3 +131,14 @@ def test_a_failed_commit_leaves_the_archive_for_the_sweep(
 def test_names_are_checked_before_anything_else(registry, make_adapter):
     with pytest.raises(InvalidReferenceError, match="invalid adapter name 'a@b'"):
         registry.register("a@b", make_adapter(), actor="a")
+
+
+@pytest.mark.parametrize("actor", ["a" * 129, "", "ana\nlima"], ids=["long", "empty", "newline"])
+def test_actors_that_do_not_fit_the_record_are_refused(registry, make_adapter, actor):
+    # PostgreSQL enforces the 128-character column: unchecked, a long actor was a driver error.
+    with pytest.raises(InvalidReferenceError, match="invalid actor"):
+        registry.register("acted", make_adapter(), actor=actor)
+    registry.register("acted", make_adapter(), actor="a" * 128)
+    with pytest.raises(InvalidReferenceError, match="invalid actor"):
+        registry.store.promote("acted", 1, actor=actor)
+    assert registry.store.history("acted") == []
