@@ -21,6 +21,7 @@ from server.engine import Engine
 from server.http_errors import install_error_handlers
 from server.metrics import ServerMetrics
 from server.openai_service import CompletionService
+from server.request_limits import DEFAULT_MAX_REQUEST_BYTES, RequestLimits
 from server.state import AppState
 from server.targets import ModelResolver
 
@@ -38,6 +39,7 @@ def create_app(
     on_startup_error: Callable[[str], None] | None = None,
     registry: Registry | None = None,
     admin_key: str | None = None,
+    max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
 ) -> FastAPI:
     """Build the app. With `manage_engine`, startup starts the engine and preloads adapters and
     shutdown stops it; without, the caller owns the engine's lifetime (a shared test engine)."""
@@ -85,6 +87,7 @@ def create_app(
     app.state.loraplex_registry = registry
     app.state.loraplex_admin_key = admin_key
     install_error_handlers(app)
+    app.add_middleware(RequestLimits, max_body_bytes=max_request_bytes)
     app.include_router(router)
     app.include_router(admin_router)
     return app

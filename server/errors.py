@@ -9,6 +9,8 @@ exception that reaches a client); `server.http_errors` installs it in FastAPI.
     ├── PermissionDeniedError      403  the key is fine but the feature is off (admin API disabled)
     ├── ModelNotFoundError         404  `model` names nothing servable
     ├── ResourceNotFoundError      404  any other thing a route looks up (no registry configured)
+    ├── PayloadTooLargeError       413  the request body is over the server's byte limit
+    ├── HeadersTooLargeError       431  one request header is over the server's byte limit
     ├── OverloadedError            429  too much queued; retry later
     ├── AdapterUnavailableError    503  an adapter version cannot be fetched right now (store down)
     ├── AdapterLoadError           500  an adapter's files were rejected when loading (engine unharmed)
@@ -96,6 +98,20 @@ class EngineNotReadyError(EngineError):
         super().__init__(message, code="engine_not_ready")
 
 
+class PayloadTooLargeError(LoraplexError):
+    """The request body is larger than the server accepts (`max_request_bytes`)."""
+
+    def __init__(self, message: str):
+        super().__init__(message, code="request_too_large")
+
+
+class HeadersTooLargeError(LoraplexError):
+    """A request header value is larger than any legitimate client sends."""
+
+    def __init__(self, message: str, *, header: str):
+        super().__init__(message, param=header, code="header_too_large")
+
+
 class OverloadedError(LoraplexError):
     """Too many requests queued; the client should back off and retry."""
 
@@ -110,6 +126,8 @@ _STATUS: tuple[tuple[type[LoraplexError], int, str], ...] = (
     (PermissionDeniedError, 403, "permission_error"),
     (ModelNotFoundError, 404, "invalid_request_error"),
     (ResourceNotFoundError, 404, "invalid_request_error"),
+    (PayloadTooLargeError, 413, "invalid_request_error"),
+    (HeadersTooLargeError, 431, "invalid_request_error"),
     (OverloadedError, 429, "rate_limit_error"),
     (EngineNotReadyError, 503, "service_unavailable_error"),
     (AdapterUnavailableError, 503, "service_unavailable_error"),

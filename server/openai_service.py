@@ -1,8 +1,9 @@
 """Chat and text completions: OpenAI request in, engine stream through, OpenAI response out.
 
-Owns prompt preparation (chat template via the engine, context-length checks), the mapping of
-request fields to `SamplingOptions`, and the shapes of responses and SSE chunks. It does not know
-FastAPI: routes in `server.api` call it and turn its results into HTTP responses.
+Owns prompt preparation (chat template and tokenization via the engine, on a worker thread so a
+huge prompt never stalls other streams; context-length checks), the mapping of request fields to
+`SamplingOptions`, and the shapes of responses and SSE chunks. It does not know FastAPI: routes
+in `server.api` call it and turn its results into HTTP responses.
 """
 
 from __future__ import annotations
@@ -11,14 +12,17 @@ import asyncio
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
+from typing import Any, TypeVar
 
 from server.engine import Engine, GenerationDelta, GenerationRequest, SamplingOptions
 from server.errors import ContextLengthError, InvalidRequestError, LoraplexError, error_body
 from server.metrics import ServerMetrics
-from server.protocol import ChatCompletionRequest, CompletionRequest
-from server.streams import Collected, Merged, collect, merge_streams, openai_logprobs
+from server.protocol import DEFAULT_PROMPT, ChatCompletionRequest, CompletionRequest
+from server.responses import response_body, sse_chunks
+from server.streams import Merged, collect, merge_streams
 from server.targets import ModelResolver, Target
 
 
@@ -33,6 +37,14 @@ class Prepared:
     created: int
     started: float
     include_usage: bool
+    continuous_usage: bool = False
+    echo: list[str] | None = None  # completions with echo: each prompt's text, by prompt index
+
+
+T = TypeVar("T")
+# OpenAI: top_p 0 keeps only the most likely token; vLLM requires top_p > 0, and any tiny value
+# keeps exactly that one token.
+_MIN_TOP_P = 1e-9
 
 
 class CompletionService:
@@ -40,6 +52,13 @@ class CompletionService:
         self._engine = engine
         self._resolver = resolver
         self._metrics = metrics
+        # One worker: tokenizers are not safe to call from several threads at once (vLLM also
+        # renders on one thread); requests still queue behind each other, never the event loop.
+        self._prompts = ThreadPoolExecutor(max_workers=1, thread_name_prefix="loraplex-prompts")
+
+    async def _off_loop(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._prompts, lambda: fn(*args, **kwargs))
 
     # -- preparation --------------------------------------------------------------------------
 
@@ -50,14 +69,17 @@ class CompletionService:
             raise InvalidRequestError("; ".join(problems), param="messages")
         target = await self._resolver.resolve(req.model)
         try:
-            return self._prepare_chat(req, target, started)
+            return await self._prepare_chat(req, target, started)
         except BaseException:
             target.done()
             raise
 
-    def _prepare_chat(self, req: ChatCompletionRequest, target: Target, started: float) -> Prepared:
-        messages = [{"role": m.role, "content": m.text()} for m in req.messages]
-        prompt = self._engine.render_chat(
+    async def _prepare_chat(
+        self, req: ChatCompletionRequest, target: Target, started: float
+    ) -> Prepared:
+        messages = [m.template_input() for m in req.messages]
+        prompt = await self._off_loop(
+            self._engine.render_chat,
             messages,
             add_generation_prompt=req.add_generation_prompt,
             continue_final_message=req.continue_final_message,
@@ -77,24 +99,23 @@ class CompletionService:
             response_id=rid,
             created=int(time.time()),
             started=started,
-            include_usage=bool(req.stream_options and req.stream_options.include_usage),
+            include_usage=req.include_usage(),
+            continuous_usage=_continuous_usage(req),
         )
 
     async def prepare_completion(self, req: CompletionRequest) -> Prepared:
         started = time.perf_counter()
         target = await self._resolver.resolve(req.model)
         try:
-            return self._prepare_completion(req, target, started)
+            return await self._prepare_completion(req, target, started)
         except BaseException:
             target.done()
             raise
 
-    def _prepare_completion(
+    async def _prepare_completion(
         self, req: CompletionRequest, target: Target, started: float
     ) -> Prepared:
-        prompts = [p if isinstance(p, list) else self._engine.tokenize(p) for p in req.prompts()]
-        if any(len(p) == 0 for p in prompts):
-            raise InvalidRequestError("prompt must not be empty", param="prompt")
+        prompts = await self._off_loop(self._token_prompts, req.prompts())
         rid = f"cmpl-{uuid.uuid4().hex}"
         requests = []
         for i, prompt in enumerate(prompts):
@@ -108,8 +129,28 @@ class CompletionService:
             response_id=rid,
             created=int(time.time()),
             started=started,
-            include_usage=bool(req.stream_options and req.stream_options.include_usage),
+            include_usage=req.include_usage(),
+            continuous_usage=_continuous_usage(req),
+            echo=[p for p in req.prompts() if isinstance(p, str)] if req.echo else None,
         )
+
+    def _token_prompts(self, prompts: list[str | list[int]]) -> list[list[int]]:
+        """Token ids of each prompt. An empty text prompt is OpenAI's default prompt."""
+        result = []
+        for p in prompts:
+            ids = p if isinstance(p, list) else self._tokenize(p or DEFAULT_PROMPT)
+            result.append(ids or self._tokenize(DEFAULT_PROMPT))
+        return result
+
+    def _tokenize(self, text: str) -> list[int]:
+        try:
+            return self._engine.tokenize(text)
+        except LoraplexError:
+            raise
+        except Exception as e:  # e.g. lone surrogates, which JSON allows and UTF-8 does not
+            raise InvalidRequestError(
+                f"The prompt could not be tokenized: {e}", param="prompt"
+            ) from e
 
     def _max_tokens(self, prompt_len: int, requested: int | None, *, param: str) -> int:
         limit = self._engine.info.max_model_len
@@ -134,7 +175,10 @@ class CompletionService:
 
     def _merged(self, prepared: Prepared) -> Merged:
         n = prepared.requests[0].options.n
-        streams = [self._engine.generate(r) for r in prepared.requests]
+        if prepared.requests[0].options.max_tokens == 0:  # echo alone: nothing to generate
+            streams = [_prompt_only(r) for r in prepared.requests]
+        else:
+            streams = [self._engine.generate(r) for r in prepared.requests]
         return merge_streams(streams, choices_per_stream=n)
 
     async def complete(self, prepared: Prepared) -> dict:
@@ -144,7 +188,7 @@ class CompletionService:
         try:
             collected = await collect(self._merged(prepared), on_first_token=self._ttft(prepared))
             status = 200
-            return self._body(prepared, collected)
+            return response_body(prepared, collected)
         except LoraplexError as e:
             status = error_body(e)[0]
             raise
@@ -173,7 +217,7 @@ class CompletionService:
         status = 500
         try:
             stream = _prepend(first, merged)
-            async for chunk in _sse_chunks(prepared, stream, self._ttft(prepared)):
+            async for chunk in sse_chunks(prepared, stream, self._ttft(prepared)):
                 yield chunk
             status = 200
         except (asyncio.CancelledError, GeneratorExit):
@@ -210,27 +254,6 @@ class CompletionService:
             generation_tokens=sum(r.stats.completion_tokens for r in prepared.requests),
         )
 
-    def _body(self, prepared: Prepared, collected: Collected) -> dict:
-        chat = prepared.endpoint == "chat"
-        choices = []
-        for index in sorted(collected.text):
-            choice: dict = {"index": index, "finish_reason": collected.finish[index]}
-            logprobs = openai_logprobs(collected.logprobs.get(index), chat=chat)
-            if chat:
-                choice["message"] = {"role": "assistant", "content": collected.text[index]}
-            else:
-                choice["text"] = collected.text[index]
-            choice["logprobs"] = logprobs
-            choices.append(choice)
-        return {
-            "id": prepared.response_id,
-            "object": "chat.completion" if chat else "text_completion",
-            "created": prepared.created,
-            "model": prepared.target.served_as,
-            "choices": choices,
-            "usage": _usage(prepared),
-        }
-
 
 async def _prepend(first: tuple[int, GenerationDelta] | None, rest: Merged) -> Merged:
     if first is not None:
@@ -239,10 +262,20 @@ async def _prepend(first: tuple[int, GenerationDelta] | None, rest: Merged) -> M
             yield item
 
 
+async def _prompt_only(request: GenerationRequest) -> AsyncIterator[GenerationDelta]:
+    request.stats.prompt_tokens = len(request.prompt_token_ids)
+    for index in range(request.options.n):
+        yield GenerationDelta(index=index, text="", token_ids=(), finish_reason="length")
+
+
+def _continuous_usage(req: ChatCompletionRequest | CompletionRequest) -> bool:
+    return bool(req.stream and req.stream_options and req.stream_options.continuous_usage_stats)
+
+
 def _chat_problems(req: ChatCompletionRequest) -> list[str]:
     problems = []
-    if req.tools:
-        problems.append("tools are not supported by this server")
+    if req.tools or req.functions:
+        problems.append("tools (function calling) are not supported by this server")
     for i, message in enumerate(req.messages):
         kinds = message.non_text_parts()
         if kinds:
@@ -253,18 +286,10 @@ def _chat_problems(req: ChatCompletionRequest) -> list[str]:
 def _options(
     req: ChatCompletionRequest | CompletionRequest, *, max_tokens: int, logprobs: int | None
 ) -> SamplingOptions:
-    bias = None
-    if req.logit_bias:
-        try:
-            bias = {int(k): float(v) for k, v in req.logit_bias.items()}
-        except ValueError as e:
-            raise InvalidRequestError(
-                "logit_bias keys must be token ids", param="logit_bias"
-            ) from e
     return SamplingOptions(
         max_tokens=max_tokens,
         temperature=req.temperature,
-        top_p=req.top_p,
+        top_p=max(req.top_p, _MIN_TOP_P),
         top_k=req.top_k,
         min_p=req.min_p,
         n=req.n,
@@ -277,7 +302,7 @@ def _options(
         logprobs=logprobs,
         ignore_eos=req.ignore_eos,
         min_tokens=req.min_tokens,
-        logit_bias=bias,
+        logit_bias=req.token_bias(),
     )
 
 
@@ -289,41 +314,3 @@ def _with_response_format(options: SamplingOptions, req: ChatCompletionRequest) 
         return replace(options, json_object=True)
     assert fmt.json_schema is not None  # checked by the request model
     return replace(options, json_schema=fmt.json_schema.schema_)
-
-
-def _usage(prepared: Prepared) -> dict:
-    prompt = sum(r.stats.prompt_tokens for r in prepared.requests)
-    completion = sum(r.stats.completion_tokens for r in prepared.requests)
-    return {
-        "prompt_tokens": prompt,
-        "completion_tokens": completion,
-        "total_tokens": prompt + completion,
-    }
-
-
-async def _sse_chunks(prepared: Prepared, merged: Merged, on_first_token) -> AsyncIterator[str]:
-    chat = prepared.endpoint == "chat"
-    base = {
-        "id": prepared.response_id,
-        "object": "chat.completion.chunk" if chat else "text_completion",
-        "created": prepared.created,
-        "model": prepared.target.served_as,
-    }
-    opened: set[int] = set()
-    async for index, delta in merged:
-        if delta.token_ids:
-            on_first_token()
-        choice: dict = {"index": index, "finish_reason": delta.finish_reason}
-        logprobs = openai_logprobs(delta.logprobs, chat=chat) if delta.logprobs else None
-        if chat:
-            choice["delta"] = {"content": delta.text}
-            if index not in opened:
-                choice["delta"]["role"] = "assistant"
-        else:
-            choice["text"] = delta.text
-        choice["logprobs"] = logprobs
-        if delta.text or delta.finish_reason or logprobs:
-            opened.add(index)
-            yield f"data: {json.dumps({**base, 'choices': [choice]})}\n\n"
-    if prepared.include_usage:
-        yield f"data: {json.dumps({**base, 'choices': [], 'usage': _usage(prepared)})}\n\n"

@@ -10,6 +10,7 @@ from typing import Literal
 from pydantic import Field
 
 from registry.settings import RegistrySettings
+from server.request_limits import DEFAULT_MAX_REQUEST_BYTES
 
 
 class ServeSettings(RegistrySettings):
@@ -40,3 +41,6 @@ class ServeSettings(RegistrySettings):
     admin_key: str | None = Field(default=None, description="key for /admin/; unset: disabled")
     adapter_cache_gib: float = Field(default=4.0, gt=0, description="local adapter disk cache")
     registry_poll_seconds: float = Field(default=1.0, gt=0, description="routing refresh period")
+    max_request_bytes: int = Field(
+        default=DEFAULT_MAX_REQUEST_BYTES, ge=1024, description="largest inference body; above: 413"
+    )

@@ -74,7 +74,8 @@ async def collect(merged: Merged, *, on_first_token: Callable[[], None]) -> Coll
 
 
 def openai_logprobs(items: list[TokenLogprob] | tuple[TokenLogprob, ...] | None, *, chat: bool):
-    """Chat: {"content": [{token, logprob, bytes, top_logprobs}]}; completions: parallel lists."""
+    """Chat: {"content": [{token, logprob, bytes, top_logprobs}], "refusal": null}; completions:
+    parallel lists."""
     if items is None:
         return None
     if chat:
@@ -89,7 +90,8 @@ def openai_logprobs(items: list[TokenLogprob] | tuple[TokenLogprob, ...] | None,
                     ],
                 }
                 for t in items
-            ]
+            ],
+            "refusal": None,
         }
     offsets, position = [], 0
     for t in items:

@@ -73,7 +73,7 @@ def test_every_problem_is_reported_at_once(fake_server):
         "model": "fake",
         "messages": [{"role": "user", "content": "x"}],
         "temperature": 9,
-        "top_p": 0,
+        "top_p": 1.5,
         "n": 0,
         "max_tokens": -1,
     }
