@@ -112,7 +112,7 @@ def run_server(settings: ServeSettings, *, model_dir: Path, console: Console) ->
 
     app = create_app(
         engine=engine, resolver=resolver, metrics=metrics, api_keys=settings.api_keys,
-        registry=registry, admin_key=settings.admin_key,
+        registry=registry, admin_key=settings.admin_key, max_request_bytes=settings.max_request_bytes,
         on_ready=on_ready, on_startup_error=on_startup_error,
     )  # fmt: skip
     config = uvicorn.Config(
