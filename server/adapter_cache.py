@@ -1,10 +1,12 @@
 """Download: adapter artifacts from the registry's artifact store onto local disk.
 
 One folder per sha256 under the cache root, verified on the way in (the artifact store checks
-the digest before it unpacks), least recently used folders evicted beyond a byte budget. Folders
-of versions loaded into the engine are pinned: vLLM may reload an adapter from its path at any
-time, and a missing path inside `generate` would kill the engine (see `server.engine_vllm`).
-Blocking: callers run it in a worker thread.
+the digest before it unpacks), least recently used folders evicted beyond a byte budget.
+`acquire` hands a folder out pinned, the pin taken in the same critical section that makes the
+folder visible, so no eviction can remove a folder between its download and its load: vLLM may
+reload an adapter from its path at any time, and a missing path inside `generate` would kill
+the engine (see `server.engine_vllm`). Pinned folders stay even beyond the budget. Blocking:
+callers run it in a worker thread; one download per sha256 at a time.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import logging
 import shutil
 import threading
+import uuid
 from collections import OrderedDict
 from pathlib import Path
 
@@ -22,6 +25,8 @@ from server.errors import AdapterUnavailableError
 from server.metrics import ServerMetrics
 
 log = logging.getLogger(__name__)
+
+_TRASH_PREFIX = ".evicted-"  # renamed here under the lock, deleted outside it
 
 
 def _folder_bytes(folder: Path) -> int:
@@ -36,13 +41,17 @@ class AdapterDiskCache:
         self._artifacts = artifacts
         self._max_bytes = max_bytes
         self._metrics = metrics
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # guards _sizes and _pins; never held across a download
+        self._fetching: dict[str, threading.Lock] = {}  # sha256 -> single-flight download
         self._sizes: OrderedDict[str, int] = OrderedDict()  # sha256 -> bytes, oldest first
         self._pins: dict[str, int] = {}
         root.mkdir(parents=True, exist_ok=True)
         for folder in sorted(root.iterdir(), key=lambda p: p.stat().st_mtime):
-            if folder.is_dir() and not folder.name.startswith("."):
+            if folder.name.startswith(_TRASH_PREFIX):
+                shutil.rmtree(folder, ignore_errors=True)
+            elif folder.is_dir() and not folder.name.startswith("."):
                 self._sizes[folder.name] = _folder_bytes(folder)
+        self._metrics.adapter_cache_bytes.set(self.total_bytes)
 
     @property
     def total_bytes(self) -> int:
@@ -51,33 +60,45 @@ class AdapterDiskCache:
     def contains(self, sha256: str) -> bool:
         return sha256 in self._sizes
 
-    def get(self, version: VersionRecord) -> Path:
-        """The local folder of `version`, downloading it if needed. Raises
-        `AdapterUnavailableError` when it is not here and the artifact store cannot provide it."""
-        folder = self._root / version.sha256
+    def acquire(self, version: VersionRecord) -> Path:
+        """The local folder of `version`, downloaded if needed, pinned: pair with `unpin`.
+        Raises `AdapterUnavailableError` when it is not here and the artifact store cannot
+        provide it (nothing is pinned then)."""
         with self._lock:
-            if version.sha256 in self._sizes and folder.is_dir():
-                self._sizes.move_to_end(version.sha256)
+            single_flight = self._fetching.setdefault(version.sha256, threading.Lock())
+        with single_flight:
+            folder = self._root / version.sha256
+            if self._pin_cached(version.sha256, folder):
                 self._metrics.adapter_cache.labels(version.ref, "hit").inc()
                 return folder
-        self._metrics.adapter_cache.labels(version.ref, "miss").inc()
-        try:
-            self._artifacts.fetch(version.sha256, folder)
-        except ArtifactError as e:
-            raise AdapterUnavailableError(
-                f"Adapter {version.ref} is not cached on this server and could not be "
-                f"downloaded: {e}",
-                adapter=version.ref,
-            ) from e
-        with self._lock:
-            self._sizes[version.sha256] = _folder_bytes(folder)
-            self._sizes.move_to_end(version.sha256)
-            self._evict()
+            self._metrics.adapter_cache.labels(version.ref, "miss").inc()
+            try:
+                self._artifacts.fetch(version.sha256, folder)
+            except ArtifactError as e:
+                raise AdapterUnavailableError(
+                    f"Adapter {version.ref} is not cached on this server and could not be "
+                    f"downloaded: {e}",
+                    adapter=version.ref,
+                ) from e
+            size = _folder_bytes(folder)
+            with self._lock:
+                self._sizes[version.sha256] = size
+                self._sizes.move_to_end(version.sha256)
+                self._pins[version.sha256] = self._pins.get(version.sha256, 0) + 1
+                trash = self._evict()
+        self._empty(trash)
         return folder
 
-    def pin(self, sha256: str) -> None:
+    def _pin_cached(self, sha256: str, folder: Path) -> bool:
         with self._lock:
+            if sha256 not in self._sizes:
+                return False
+            if not folder.is_dir():  # removed behind our back: fetch it again
+                del self._sizes[sha256]
+                return False
+            self._sizes.move_to_end(sha256)
             self._pins[sha256] = self._pins.get(sha256, 0) + 1
+            return True
 
     def unpin(self, sha256: str) -> None:
         with self._lock:
@@ -86,15 +107,34 @@ class AdapterDiskCache:
                 self._pins[sha256] = left
             else:
                 self._pins.pop(sha256, None)
-            self._evict()
+            trash = self._evict()
+        self._empty(trash)
 
-    def _evict(self) -> None:
+    def is_pinned(self, sha256: str) -> bool:
+        return sha256 in self._pins
+
+    def _evict(self) -> list[Path]:
+        """Unpinned folders, oldest first, out of the cache until it fits; call under the lock.
+        Each is renamed aside at once (so it is gone for every reader) and deleted later."""
+        trash = []
         for sha256 in list(self._sizes):
             if self.total_bytes <= self._max_bytes:
-                return
+                break
             if sha256 in self._pins:
                 continue
             size = self._sizes.pop(sha256)
-            shutil.rmtree(self._root / sha256, ignore_errors=True)
+            aside = self._root / f"{_TRASH_PREFIX}{sha256}-{uuid.uuid4().hex[:8]}"
+            try:
+                (self._root / sha256).rename(aside)
+                trash.append(aside)
+            except FileNotFoundError:
+                pass
             self._metrics.adapter_cache_evictions.inc()
             log.info("evicted adapter artifact %s (%d bytes) from the disk cache", sha256, size)
+        self._metrics.adapter_cache_bytes.set(self.total_bytes)
+        return trash
+
+    @staticmethod
+    def _empty(trash: list[Path]) -> None:
+        for folder in trash:
+            shutil.rmtree(folder, ignore_errors=True)

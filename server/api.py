@@ -42,12 +42,23 @@ def _require_ready(state: AppState) -> CompletionService:
     return state.service
 
 
+class _EventStreamResponse(StreamingResponse):
+    """Closes its `EventStream` when the response ends however it ends (done, client gone,
+    body never iterated), so a streamed request always returns its adapter lease."""
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self.body_iterator.aclose()
+
+
 def _respond(prepared: Prepared, body_or_stream, *, stream: bool) -> Response:
     headers = {}
     if prepared.target.adapter is not None:
         headers["x-loraplex-adapter"] = prepared.target.served_as
     if stream:
-        return StreamingResponse(body_or_stream, media_type="text/event-stream", headers=headers)
+        return _EventStreamResponse(body_or_stream, media_type="text/event-stream", headers=headers)
     return JSONResponse(body_or_stream, headers=headers)
 
 

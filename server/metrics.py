@@ -70,8 +70,27 @@ class ServerMetrics:
             "Adapter artifacts evicted from the local disk cache.",
             registry=registry,
         )
+        self.adapter_cache_bytes = Gauge(
+            "loraplex_adapter_cache_bytes",
+            "Bytes of adapter artifacts in the local disk cache.",
+            registry=registry,
+        )
         self.adapters_loaded = Gauge(
-            "loraplex_adapters_loaded", "Adapter versions loaded in the engine.", registry=registry
+            "loraplex_adapters_loaded",
+            "Adapters loaded in the engine (registry versions and local folders).",
+            registry=registry,
+        )
+        self.adapter_leases = Gauge(
+            "loraplex_adapter_leases",
+            "Requests holding a registry adapter version (a held version is never unloaded).",
+            registry=registry,
+        )
+        self.adapter_warmup_failures = Counter(
+            "loraplex_adapter_warmup_failures_total",
+            "Versions an alias moved to that could not be loaded before routing; the alias "
+            "keeps its previous target on this replica until a retry succeeds.",
+            ["adapter"],
+            registry=registry,
         )
         self.registry_revision = Gauge(
             "loraplex_registry_revision",

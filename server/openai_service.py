@@ -12,7 +12,7 @@ import asyncio
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from typing import Any, TypeVar
@@ -37,6 +37,7 @@ class Prepared:
     created: int
     started: float
     include_usage: bool
+    ended: bool = False  # the request's end was observed: lease returned, gauge down
     continuous_usage: bool = False
     echo: list[str] | None = None  # completions with echo: each prompt's text, by prompt index
 
@@ -45,6 +46,24 @@ T = TypeVar("T")
 # OpenAI: top_p 0 keeps only the most likely token; vLLM requires top_p > 0, and any tiny value
 # keeps exactly that one token.
 _MIN_TOP_P = 1e-9
+
+
+class EventStream:
+    """The SSE lines of one streamed response. `aclose()` ends the request however the response
+    went: finished, client gone mid-stream, or body never iterated (a server may drop a
+    response whose client left before it started), so the adapter lease and the in-flight
+    gauge are always returned, and only once."""
+
+    def __init__(self, lines: AsyncGenerator[str, None], abandon: Callable[[], Awaitable[None]]):
+        self._lines = lines
+        self._abandon = abandon
+
+    def __aiter__(self) -> AsyncGenerator[str, None]:
+        return self._lines
+
+    async def aclose(self) -> None:
+        await self._lines.aclose()  # runs the generator's own ending if it started
+        await self._abandon()
 
 
 class CompletionService:
@@ -195,9 +214,10 @@ class CompletionService:
         finally:
             self._observe(prepared, status)
 
-    async def open_stream(self, prepared: Prepared) -> AsyncIterator[str]:
+    async def open_stream(self, prepared: Prepared) -> EventStream:
         """Start generating and wait for the first delta, so that a refusal (overload, bad
-        parameters) is still an HTTP status; then hand over the SSE lines."""
+        parameters) is still an HTTP status; then hand over the SSE lines. The caller must
+        `aclose()` the stream when the response ends, however it ends."""
         merged = self._merged(prepared)
         self._metrics.in_flight.inc()
         try:
@@ -208,7 +228,12 @@ class CompletionService:
         except BaseException:
             self._observe(prepared, 500)
             raise
-        return self._stream(prepared, merged, first)
+
+        async def abandon() -> None:
+            self._observe(prepared, 499)  # a no-op once the lines ran to their end
+            await merged.aclose()  # aborts the engine requests
+
+        return EventStream(self._stream(prepared, merged, first), abandon)
 
     async def _stream(
         self, prepared: Prepared, merged: Merged, first: tuple[int, GenerationDelta] | None
@@ -243,6 +268,9 @@ class CompletionService:
 
     def _observe(self, prepared: Prepared, status: int) -> None:
         """Once per request, when it ends: metrics, and the adapter lease is returned."""
+        if prepared.ended:
+            return
+        prepared.ended = True
         prepared.target.done()
         self._metrics.in_flight.dec()
         self._metrics.observe_request(

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -135,18 +136,11 @@ def test_dead_artifact_store_keeps_cached_versions_serving(
     assert stack.served("support") == "support@1"  # and nothing else broke
 
 
-def test_database_outage_serves_the_last_routing_table_and_recovers(
-    tmp_path, registry_on_postgres_and_s3, make_adapter, stacks, postgres_url
-):
+@contextmanager
+def database_refusing_connections(postgres_url: str) -> Iterator[None]:
+    """The registry's database refuses every connection (and drops the open ones) inside."""
     import psycopg
     from sqlalchemy.engine import make_url
-
-    registry = registry_on_postgres_and_s3
-    registry.register("support", make_adapter(), actor="t")
-    registry.store.promote("support", 1, actor="t")
-    stack = Stack(tmp_path, registry, open_artifact_store(registry.artifacts.url))
-    stacks.append(stack)
-    assert stack.served("support") == "support@1"
 
     url = make_url(postgres_url)
     admin_dsn = url.set(drivername="postgresql", database="postgres").render_as_string(
@@ -159,15 +153,58 @@ def test_database_outage_serves_the_last_routing_table_and_recovers(
             (url.database,),
         )
         try:
-            wait_for(lambda: stack.ready().get("status") == "degraded")
-            assert "registry unreadable" in stack.ready()["reason"]
-            assert stack.served("support") == "support@1"  # still serving
+            yield
         finally:
             admin.execute(f'ALTER DATABASE "{url.database}" ALLOW_CONNECTIONS true')
+
+
+def test_database_outage_serves_the_last_routing_table_and_recovers(
+    tmp_path, registry_on_postgres_and_s3, make_adapter, stacks, postgres_url
+):
+    registry = registry_on_postgres_and_s3
+    registry.register("support", make_adapter(), actor="t")
+    registry.store.promote("support", 1, actor="t")
+    stack = Stack(tmp_path, registry, open_artifact_store(registry.artifacts.url))
+    stacks.append(stack)
+    assert stack.served("support") == "support@1"
+    with database_refusing_connections(postgres_url):
+        wait_for(lambda: stack.ready().get("status") == "degraded")
+        assert "registry unreadable" in stack.ready()["reason"]
+        assert stack.served("support") == "support@1"  # still serving
     wait_for(lambda: stack.ready().get("status") == "ready")
     registry.register("support", make_adapter(), actor="t")
     registry.store.promote("support", 2, actor="t")
     wait_for(lambda: stack.served("support") == "support@2")
+
+
+def test_during_a_database_outage_what_needs_the_database_is_an_honest_503(
+    tmp_path, registry_on_postgres_and_s3, make_adapter, stacks, postgres_url
+):
+    registry = registry_on_postgres_and_s3
+    two_versions_first_live(registry, make_adapter)
+    stack = Stack(tmp_path, registry, registry.artifacts)
+    stacks.append(stack)
+    assert stack.served("support") == "support@1"
+    needs_the_database = {
+        "suport": "cannot tell whether 'suport' exists",  # mistyped: not a false 404
+        "brand-new": "cannot tell whether 'brand-new' exists",  # perhaps registered since
+        "support@2": "'support@2' cannot be resolved here now",  # pinned, never fetched
+        "support@canary": "'support@canary' cannot be resolved here now",  # not in the table
+    }
+    with database_refusing_connections(postgres_url):
+        wait_for(lambda: stack.ready().get("status") == "degraded")
+        for model, message in needs_the_database.items():
+            with pytest.raises(openai.InternalServerError) as info:
+                stack.served(model)
+            assert info.value.status_code == 503, model
+            assert info.value.body["type"] == "service_unavailable_error"
+            assert "registry is unavailable" in info.value.body["message"]
+            assert message in info.value.body["message"]
+        assert stack.served("support") == "support@1"  # what the replica has keeps serving
+        assert stack.served("support@1") == "support@1"
+    wait_for(lambda: stack.served("support@2") == "support@2")
+    with pytest.raises(openai.NotFoundError, match="does not exist"):
+        stack.served("suport")
 
 
 def test_requests_in_flight_finish_on_the_version_they_started_with(
