@@ -76,8 +76,13 @@ class CompletionService:
         self._prompts = ThreadPoolExecutor(max_workers=1, thread_name_prefix="loraplex-prompts")
 
     async def _off_loop(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """Prompt work (template, tokenizer) on the prompt thread. What fails there fails on
+        the client's text (lone surrogates, which JSON allows and UTF-8 does not): a 400."""
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._prompts, lambda: fn(*args, **kwargs))
+        try:
+            return await loop.run_in_executor(self._prompts, lambda: fn(*args, **kwargs))
+        except (TypeError, ValueError, UnicodeError) as e:
+            raise InvalidRequestError(f"The prompt could not be tokenized: {e}") from e
 
     # -- preparation --------------------------------------------------------------------------
 
@@ -157,19 +162,9 @@ class CompletionService:
         """Token ids of each prompt. An empty text prompt is OpenAI's default prompt."""
         result = []
         for p in prompts:
-            ids = p if isinstance(p, list) else self._tokenize(p or DEFAULT_PROMPT)
-            result.append(ids or self._tokenize(DEFAULT_PROMPT))
+            ids = p if isinstance(p, list) else self._engine.tokenize(p or DEFAULT_PROMPT)
+            result.append(ids or self._engine.tokenize(DEFAULT_PROMPT))
         return result
-
-    def _tokenize(self, text: str) -> list[int]:
-        try:
-            return self._engine.tokenize(text)
-        except LoraplexError:
-            raise
-        except Exception as e:  # e.g. lone surrogates, which JSON allows and UTF-8 does not
-            raise InvalidRequestError(
-                f"The prompt could not be tokenized: {e}", param="prompt"
-            ) from e
 
     def _max_tokens(self, prompt_len: int, requested: int | None, *, param: str) -> int:
         limit = self._engine.info.max_model_len

@@ -43,6 +43,10 @@ class RecordingEngine(FakeEngine):
             time.sleep(1.5)
         return super().render_chat(messages, **kwargs)
 
+    def tokenize(self, text):
+        text.encode("utf-8")  # as a real tokenizer must: a lone surrogate raises here
+        return super().tokenize(text)
+
 
 @pytest.fixture
 def serve() -> Iterator:
@@ -136,6 +140,20 @@ def test_a_slow_render_does_not_stall_other_requests(serve):
         worker.join()
     assert models.status_code == 200
     assert waited < 0.6, f"the event loop was blocked for {waited:.2f} s"
+
+
+@pytest.mark.parametrize(
+    "path, body",
+    [
+        (CHAT, {"messages": [{"role": "user", "content": "a\ud800b"}]}),
+        (COMPLETIONS, {"prompt": "\udfff"}),
+    ],
+)
+def test_text_the_tokenizer_cannot_encode_is_400(serve, path, body):
+    server = serve()
+    raw = json.dumps({"model": "fake", **body})  # ASCII-escaped: JSON may hold lone surrogates
+    r = httpx.post(server.url + path, content=raw, headers={"content-type": "application/json"})
+    assert "could not be tokenized" in _error(r, 400)["message"]
 
 
 # -- bounded bodies -----------------------------------------------------------------------------
