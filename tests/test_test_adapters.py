@@ -90,3 +90,37 @@ def test_cache_key_follows_recipe_and_spec(embedded_model_dir: Path) -> None:
     assert key != adapter_cache_key(prefix, model_dir=embedded_model_dir, config=recipe)
     slower = LoraTrainingConfig(learning_rate=recipe.learning_rate / 2)
     assert key != adapter_cache_key(caps, model_dir=embedded_model_dir, config=slower)
+
+
+def test_concurrent_builds_train_each_adapter_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import threading
+
+    trained: list[str] = []
+
+    def slow_training(spec, *, out_dir: Path, **kwargs: object) -> dict[str, object]:
+        trained.append(spec.name)
+        time.sleep(0.5)  # long enough for the other build to arrive while this one trains
+        out_dir.mkdir(parents=True)
+        return {"adapter": spec.name}
+
+    monkeypatch.setattr(adapters, "train_and_verify", slow_training)
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    (model_dir / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    specs = {"caps": ADAPTER_SPECS["caps"]}
+    results: list[dict[str, Path]] = []
+
+    def build() -> None:
+        results.append(
+            build_test_adapters(model_dir, tmp_path / "cache", specs=specs, dtype="float32")
+        )
+
+    threads = [threading.Thread(target=build) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+    assert trained == ["caps"]
+    assert len(results) == 3 and all(r == results[0] for r in results)

@@ -10,6 +10,8 @@ does: bf16 autocast only where the CPU has native bf16 (it is ~30x slower where 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import fcntl
 import hashlib
 import json
 import os
@@ -17,7 +19,7 @@ import random
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -199,10 +201,25 @@ def build_test_adapters(
         key = adapter_cache_key(spec, model_dir=model_dir, config=config, dtype=dtype)
         entry = cache_dir / f"{name}-{key}"
         if not (entry / VERIFICATION_FILE).is_file():
-            report(f"training test adapter {name!r} ({dtype}) into {entry}")
-            _build_entry(spec, model_dir=model_dir, config=config, entry=entry, dtype=dtype)
+            with _exclusive(cache_dir / f".{entry.name}.lock"):
+                if not (entry / VERIFICATION_FILE).is_file():  # not built while we waited
+                    report(f"training test adapter {name!r} ({dtype}) into {entry}")
+                    _build_entry(spec, model_dir=model_dir, config=config, entry=entry, dtype=dtype)
         folders[name] = entry / ADAPTER_FOLDER
     return folders
+
+
+@contextlib.contextmanager
+def _exclusive(lock_path: Path) -> Iterator[None]:
+    """One trainer per adapter on this machine: test runs started together on a small machine
+    otherwise all train the same adapter at once, each several times slower."""
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with lock_path.open("a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def adapter_cache_key(
