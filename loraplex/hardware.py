@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib.util
 import platform
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -22,6 +23,7 @@ MATMUL_FLAGS: tuple[str, ...] = (
     "avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile",
 )  # fmt: skip
 NATIVE_BF16_FLAGS: tuple[str, ...] = ("avx512_bf16", "amx_bf16")
+NO_NATIVE_BF16 = "no " + " or ".join(NATIVE_BF16_FLAGS)
 CPUINFO = Path("/proc/cpuinfo")
 
 
@@ -66,8 +68,6 @@ def cpu_info(path: Path = CPUINFO) -> CpuInfo:
 
 def cuda_present() -> bool:
     """An NVIDIA GPU is visible: torch says so where it is already imported, else /dev/nvidia*."""
-    import sys
-
     torch = sys.modules.get("torch")
     if torch is not None:
         return bool(torch.cuda.is_available())
@@ -87,7 +87,7 @@ def choose_dtype(
             cpu = cpu or cpu_info()
             if not cpu.native_bf16:
                 reason += (
-                    f"; warning: this CPU has no native bf16 ({_missing(cpu)}), so bf16 is "
+                    f"; warning: this CPU has no native bf16 ({NO_NATIVE_BF16}), so bf16 is "
                     "emulated and much slower than float32"
                 )
         return DtypeChoice(dtype=requested, reason=reason)
@@ -98,12 +98,8 @@ def choose_dtype(
         have = ", ".join(f for f in NATIVE_BF16_FLAGS if f in cpu.flags)
         return DtypeChoice(dtype="bfloat16", reason=f"CPU has native bf16 ({have})")
     return DtypeChoice(
-        dtype="float32", reason=f"CPU has no native bf16 ({_missing(cpu)}): bf16 would be emulated"
+        dtype="float32", reason=f"CPU has no native bf16 ({NO_NATIVE_BF16}): bf16 would be emulated"
     )
-
-
-def _missing(cpu: CpuInfo) -> str:
-    return "no " + " or ".join(NATIVE_BF16_FLAGS)
 
 
 def torch_cpu_capability() -> str | None:
