@@ -110,9 +110,6 @@ class AdapterDiskCache:
             trash = self._evict()
         self._empty(trash)
 
-    def is_pinned(self, sha256: str) -> bool:
-        return sha256 in self._pins
-
     def _evict(self) -> list[Path]:
         """Unpinned folders, oldest first, out of the cache until it fits; call under the lock.
         Each is renamed aside at once (so it is gone for every reader) and deleted later."""

@@ -67,9 +67,6 @@ class AdapterLoader:
     def is_loaded(self, ref: str) -> bool:
         return ref in self._loaded
 
-    def leases(self) -> int:
-        return sum(e.leases for e in self._loaded.values())
-
     async def acquire(self, version: VersionRecord) -> AdapterHandle:
         """Load `version` if needed and lease it; pair with `release`."""
         entry = self._loaded.get(version.ref) or await self._load(version)

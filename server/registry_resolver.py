@@ -28,6 +28,7 @@ from registry.errors import (
     InvalidReferenceError,
     NotFoundError,
     RegistryError,
+    RegistryUnavailableError,
 )
 from registry.records import RoutingSnapshot, VersionRecord
 from registry.refs import DEFAULT_ALIAS, AdapterRef, parse_ref
@@ -274,8 +275,10 @@ class RegistryResolver:
             message = self._not_found(model, e)
             self._misses.put(model, message)
             raise ModelNotFoundError(message) from e
-        except RegistryError as e:  # the database is unavailable: say so, never guess a 404
+        except RegistryUnavailableError as e:  # say so; never guess a 404 (or fail with a 500)
             raise AdapterUnavailableError(self._unavailable(model, ref, e), adapter=model) from e
+        except RegistryError as e:
+            raise AdapterUnavailableError(f"{e}", adapter=model) from e
         self._records.setdefault(record.ref, record)
         return record
 
@@ -293,7 +296,7 @@ class RegistryResolver:
             return f"The model {model!r} does not exist. {self._available()}"
         return f"{error}."  # the registry's message says what exists and how to promote
 
-    def _unavailable(self, model: str, ref: AdapterRef, error: RegistryError) -> str:
+    def _unavailable(self, model: str, ref: AdapterRef, error: RegistryUnavailableError) -> str:
         snapshot = self._snapshot
         known = snapshot is not None and ref.name in snapshot.latest
         if not known:
