@@ -13,7 +13,7 @@ from fastapi.security import HTTPAuthorizationCredentials
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from server.auth import bearer_scheme, check_bearer
-from server.errors import EngineNotReadyError, LoraplexError, error_body
+from server.errors import LoraplexError, error_body
 from server.openai_service import CompletionService, Prepared
 from server.protocol import ChatCompletionRequest, CompletionRequest
 from server.state import AppState
@@ -36,9 +36,8 @@ def require_inference_key(
         check_bearer(credentials, state.api_keys, what="API key")
 
 
-def _require_ready(state: AppState) -> CompletionService:
-    if not state.engine.ready:
-        raise EngineNotReadyError()
+async def _require_ready(state: AppState) -> CompletionService:
+    await state.admit()  # 503 until startup has finished, and for good once the engine died
     return state.service
 
 
@@ -65,7 +64,7 @@ def _respond(prepared: Prepared, body_or_stream, *, stream: bool) -> Response:
 async def _prepare(state: AppState, req: ChatCompletionRequest | CompletionRequest) -> Prepared:
     """Prepare, counting a rejected request under its model (or "unknown": labels stay bounded)."""
     try:
-        service = _require_ready(state)
+        service = await _require_ready(state)
         if isinstance(req, ChatCompletionRequest):
             return await service.prepare_chat(req)
         return await service.prepare_completion(req)
@@ -116,8 +115,13 @@ async def list_models(state: StateDep) -> dict:
 
 
 @router.get("/health")
-async def health() -> dict:
-    return {"status": "ok", "time": time.time()}
+async def health(state: StateDep) -> JSONResponse:
+    """Liveness: 200 while this process can serve or is starting; 503 once its engine died,
+    so that a supervisor restarts it (the process exits too, when run by `loraplex serve`)."""
+    if (dead := await state.dead_reason()) is not None:
+        body = {"status": "dead", "reason": dead, "time": time.time()}
+        return JSONResponse(body, status_code=503)
+    return JSONResponse({"status": "ok", "time": time.time()})
 
 
 @router.get("/ready")

@@ -1,11 +1,10 @@
 """The FastAPI application factory. Everything the app uses is passed in (engine, resolver,
-metrics registry, keys), so tests can build apps around the real engine or the fake one.
+metrics registry, keys), so tests can build apps around the real engine or the fake one. Its
+lifespan runs `server.lifecycle` (background startup, engine watch, shutdown).
 """
 
 from __future__ import annotations
 
-import asyncio
-import logging
 import time
 from collections.abc import Callable
 from contextlib import asynccontextmanager
@@ -19,13 +18,12 @@ from server.admin import router as admin_router
 from server.api import router
 from server.engine import Engine
 from server.http_errors import install_error_handlers
+from server.lifecycle import Lifecycle
 from server.metrics import ServerMetrics
 from server.openai_service import CompletionService
 from server.request_limits import DEFAULT_MAX_REQUEST_BYTES, RequestLimits
 from server.state import AppState
 from server.targets import ModelResolver
-
-log = logging.getLogger(__name__)
 
 
 def create_app(
@@ -37,12 +35,14 @@ def create_app(
     manage_engine: bool = True,
     on_ready: Callable[[], None] | None = None,
     on_startup_error: Callable[[str], None] | None = None,
+    on_engine_dead: Callable[[str], None] | None = None,
     registry: Registry | None = None,
     admin_key: str | None = None,
     max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
 ) -> FastAPI:
     """Build the app. With `manage_engine`, startup starts the engine and preloads adapters and
-    shutdown stops it; without, the caller owns the engine's lifetime (a shared test engine)."""
+    shutdown stops it; without, the caller owns the engine's lifetime (a shared test engine).
+    `on_engine_dead(reason)` is called once if the engine dies while serving."""
     metrics = metrics or ServerMetrics(CollectorRegistry())
     state = AppState(
         engine=engine,
@@ -53,34 +53,18 @@ def create_app(
         started_at=int(time.time()),
     )
 
-    async def start() -> None:
-        try:
-            if manage_engine:
-                await engine.start()
-            await resolver.preload()
-        except Exception as e:  # /ready reports the reason; the caller decides whether to exit
-            state.startup_error = f"{type(e).__name__}: {e}"
-            log.exception("startup failed")
-            if on_startup_error is not None:
-                on_startup_error(state.startup_error)
-            return
-        state.startup_done = True
-        metrics.engine_ready.set(1)
-        if on_ready is not None:
-            on_ready()
+    lifecycle = Lifecycle(
+        state, manage_engine=manage_engine, on_ready=on_ready,
+        on_startup_error=on_startup_error, on_engine_dead=on_engine_dead,
+    )  # fmt: skip
 
     @asynccontextmanager
     async def lifespan(_: FastAPI):
-        # The engine starts in the background so that /health answers at once and /ready says
-        # "starting" until the engine and adapters are loaded.
-        task = asyncio.create_task(start())
+        lifecycle.begin()
         try:
             yield
         finally:
-            task.cancel()
-            await resolver.close()
-            if manage_engine:
-                await engine.shutdown()
+            await lifecycle.stop()
 
     app = FastAPI(title="loraplex", version=__version__, lifespan=lifespan)
     app.state.loraplex = state

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 from typing import Annotated
 
@@ -11,7 +10,11 @@ from pydantic import ValidationError
 from rich.console import Console
 from rich.markup import escape
 
+from server.console_logging import configure_serve_logging, quiet_spawned_engine_process
 from server.settings import ServeSettings
+
+# vLLM's engine processes are spawned and re-import the console script, so this module, first.
+quiet_spawned_engine_process()
 
 console = Console(stderr=True, soft_wrap=True)
 model_app = typer.Typer(help="The base model: prepare the embedded default.", no_args_is_help=True)
@@ -90,6 +93,12 @@ def serve(
         str | None,
         typer.Option(help="auto (bf16 where the CPU has it natively), bfloat16, float32"),
     ] = None,
+    log_level: Annotated[
+        str | None, typer.Option(help="warning (default), error, info or debug (vLLM's logs too)")
+    ] = None,
+    drain_seconds: Annotated[
+        float | None, typer.Option(help="on SIGINT/SIGTERM, time in-flight requests get [3]")
+    ] = None,
     home: Annotated[Path | None, typer.Option(help="data dir [~/.loraplex]")] = None,
 ) -> None:
     """Serve the OpenAI-compatible API on a vLLM engine, with per-request LoRA adapters."""
@@ -101,18 +110,19 @@ def serve(
         "api_keys": api_key or None, "home": home, "admin_key": admin_key,
         "registry": registry, "artifacts": artifacts, "adapter_cache_gib": adapter_cache_gib,
         "lora_ops": lora_ops, "dtype": dtype,
+        "log_level": log_level, "drain_seconds": drain_seconds,
     }  # fmt: skip
     try:
         settings = ServeSettings(**{k: v for k, v in flags.items() if v is not None})
     except ValidationError as e:
         console.print(f"[red]error:[/red] {escape(str(e))}")
         raise typer.Exit(2) from e
+    configure_serve_logging(settings.log_level)  # before torch or vLLM is imported
     from server.runner import ServeError, run_server
 
     model_dir = settings.model or _prepare_model(settings.data_dir())
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         run_server(settings, model_dir=model_dir, console=console)
-    except ServeError as e:
+    except ServeError as e:  # one line; exit 1 when the engine died, 2 when it could not start
         console.print(f"[red]error:[/red] {escape(str(e))}")
-        raise typer.Exit(2) from e
+        raise typer.Exit(e.exit_code) from e

@@ -107,12 +107,17 @@ class Engine(Protocol):
     @property
     def ready(self) -> bool: ...
 
+    @property
+    def dead(self) -> bool:
+        """True once the engine can never serve again in this process (its core died); a
+        supervisor must restart the server. False while starting, serving or shut down."""
+
     async def start(self) -> None: ...
 
     async def shutdown(self) -> None: ...
 
     async def check_health(self) -> None:
-        """Raise `EngineNotReadyError` when the engine cannot serve."""
+        """Raise `EngineDeadError` when dead, `EngineNotReadyError` when it cannot serve now."""
 
     def render_chat(
         self,

@@ -4,7 +4,8 @@ to test.
 
 Tokens are whitespace-separated words (id = position in a growing vocabulary). The answer to a
 prompt is a fixed sentence, prefixed with `[KEY]` when an adapter is used, truncated at
-`max_tokens` words or at the first stop string.
+`max_tokens` words or at the first stop string. `kill()` makes it die as a vLLM engine whose
+core process exited: dead for good, in-flight generations fail with `EngineDeadError`.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 from server.engine import AdapterHandle, GenerationDelta, GenerationRequest, ModelInfo
-from server.errors import AdapterLoadError, EngineNotReadyError, OverloadedError
+from server.errors import AdapterLoadError, EngineDeadError, EngineNotReadyError, OverloadedError
 
 ANSWER = "the quick brown fox jumps over the lazy dog"
 
@@ -41,6 +42,7 @@ class FakeEngine:
         self._max_in_flight = max_in_flight
         self._in_flight = 0
         self._ready = False
+        self._dead: str | None = None  # why it died; set by kill()
         self._vocab: dict[str, int] = {}
         self._words: list[str] = []
         self._adapters: dict[int, AdapterHandle] = {}
@@ -52,7 +54,15 @@ class FakeEngine:
 
     @property
     def ready(self) -> bool:
-        return self._ready
+        return self._ready and self._dead is None
+
+    @property
+    def dead(self) -> bool:
+        return self._dead is not None
+
+    def kill(self, reason: str = "the fake engine was killed") -> None:
+        """Die as an engine whose core process exited: nothing it does succeeds again."""
+        self._dead = reason
 
     async def start(self) -> None:
         await asyncio.sleep(self._start_delay)
@@ -62,6 +72,8 @@ class FakeEngine:
         self._ready = False
 
     async def check_health(self) -> None:
+        if self._dead is not None:
+            raise EngineDeadError(f"The engine has stopped: {self._dead}.")
         if not self._ready:
             raise EngineNotReadyError()
 
@@ -86,8 +98,7 @@ class FakeEngine:
         return ids
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationDelta]:
-        if not self._ready:
-            raise EngineNotReadyError()
+        await self.check_health()
         if self._max_in_flight is not None and self._in_flight >= self._max_in_flight:
             raise OverloadedError("Too many requests in flight; retry later.")
         self.requests.append(request)
@@ -114,6 +125,7 @@ class FakeEngine:
                 yield GenerationDelta(index=index, text="", token_ids=(), finish_reason="stop")
                 return
             await asyncio.sleep(self._token_delay)
+            await self.check_health()  # a death mid-stream fails the stream, as in vLLM
             emitted += piece
             request.stats.completion_tokens += 1
             last = i == len(words) - 1 or i == options.max_tokens - 1

@@ -13,6 +13,7 @@ import contextlib
 import importlib.metadata
 import logging
 import os
+import signal
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -27,6 +28,7 @@ from server.engine import (
 )
 from server.errors import (
     AdapterLoadError,
+    EngineDeadError,
     EngineError,
     EngineNotReadyError,
     InvalidRequestError,
@@ -116,6 +118,12 @@ class VllmEngine:
     def ready(self) -> bool:
         return self._llm is not None and not self._llm.errored
 
+    @property
+    def dead(self) -> bool:
+        # vLLM's engine-core monitor thread marks the client dead when the core process exits;
+        # after our own shutdown() `_llm` is None, so a clean stop is not a death.
+        return self._llm is not None and self._llm.errored
+
     async def start(self) -> None:
         _configure_process_environment(self._settings)
         # Building the engine blocks for tens of seconds (engine-core process start, weights,
@@ -151,6 +159,7 @@ class VllmEngine:
             max_cpu_loras=max(s.max_cpu_loras, s.max_loras),
             seed=s.seed,
             generation_config="vllm",  # sampling defaults come from the request, not the model
+            use_tqdm_on_load=log.isEnabledFor(logging.INFO),  # progress bars only when verbose
         )
         return AsyncLLM.from_engine_args(args)
 
@@ -170,10 +179,13 @@ class VllmEngine:
             llm.shutdown = lambda *args, **kwargs: None
 
     async def check_health(self) -> None:
-        if self._llm is None:
+        llm = self._llm
+        if llm is None:
             raise EngineNotReadyError()
+        if llm.errored:
+            raise EngineDeadError(f"The engine has stopped: {_death_reason(llm)}.")
         try:
-            await self._llm.check_health()
+            await llm.check_health()
         except Exception as e:
             raise EngineNotReadyError(f"The engine is not healthy: {e}") from e
 
@@ -227,7 +239,7 @@ class VllmEngine:
             await llm.add_lora(self._lora_request(adapter))
         except Exception as e:
             if llm.errored:
-                raise EngineNotReadyError(f"The engine died loading {adapter.key}: {e}") from e
+                raise EngineDeadError(f"The engine died loading {adapter.key}: {e}") from e
             raise AdapterLoadError(
                 f"Adapter {adapter.key} could not be loaded: {e}", adapter=adapter.key
             ) from e
@@ -239,15 +251,17 @@ class VllmEngine:
         return set(await self._require_llm().list_loras())
 
     def _require_llm(self) -> Any:
-        if self._llm is None or self._llm.errored:
+        if self._llm is None:
             raise EngineNotReadyError()
+        if self._llm.errored:
+            raise EngineDeadError(f"The engine has stopped: {_death_reason(self._llm)}.")
         return self._llm
 
     # -- generation ---------------------------------------------------------------------------
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationDelta]:
         from vllm.exceptions import GracefulHTTPError, VLLMClientError
-        from vllm.v1.engine.exceptions import EngineDeadError
+        from vllm.v1.engine.exceptions import EngineDeadError as VllmEngineDeadError
 
         llm = self._require_llm()
         params = _sampling_params(request.options)
@@ -266,8 +280,8 @@ class VllmEngine:
                         logprobs=self._logprobs(choice, request.options.logprobs),
                         finish_reason=choice.finish_reason,
                     )
-        except EngineDeadError as e:
-            raise EngineNotReadyError(f"The engine stopped: {e}") from e
+        except VllmEngineDeadError as e:
+            raise EngineDeadError(f"The engine has stopped: {_death_reason(llm)}.") from e
         except GracefulHTTPError as e:
             raise OverloadedError(str(e)) from e
         except (VLLMClientError, ValueError) as e:
@@ -300,6 +314,28 @@ class VllmEngine:
         if logprob is not None and logprob.decoded_token is not None:
             return logprob.decoded_token
         return self._tokenizer.decode([token_id])
+
+
+def _death_reason(llm: Any) -> str:
+    """Why vLLM's engine died, as far as its process manager knows (exit codes by process)."""
+    try:
+        codes = llm.engine_core.resources.engine_manager.finished_procs()
+    except Exception:  # internal API: a vLLM upgrade may move it; the reason is only a hint
+        codes = {}
+    described = []
+    for name, code in sorted(codes.items()):
+        if code is not None and code < 0:
+            described.append(f"{name} was killed by {_signal_name(-code)}")
+        elif code is not None:
+            described.append(f"{name} exited with code {code}")
+    return "; ".join(described) or "the engine core process is gone"
+
+
+def _signal_name(number: int) -> str:
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return f"signal {number}"
 
 
 def _sampling_params(o: SamplingOptions) -> Any:

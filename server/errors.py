@@ -15,7 +15,8 @@ exception that reaches a client); `server.http_errors` installs it in FastAPI.
     ├── AdapterUnavailableError    503  an adapter version cannot be fetched right now (store down)
     ├── AdapterLoadError           500  an adapter's files were rejected when loading (engine unharmed)
     └── EngineError                500  the engine failed for a reason that is not the client's
-        └── EngineNotReadyError    503  starting, stopping or dead
+        └── EngineNotReadyError    503  starting or stopping
+            └── EngineDeadError    503  the engine stopped for good: /health fails, the process exits
 """
 
 from __future__ import annotations
@@ -94,8 +95,21 @@ class EngineError(LoraplexError):
 
 
 class EngineNotReadyError(EngineError):
-    def __init__(self, message: str = "The engine is not ready; try again shortly."):
-        super().__init__(message, code="engine_not_ready")
+    def __init__(
+        self,
+        message: str = "The engine is not ready; try again shortly.",
+        *,
+        code: str = "engine_not_ready",
+    ):
+        super().__init__(message, code=code)
+
+
+class EngineDeadError(EngineNotReadyError):
+    """The engine cannot serve again in this process (its core process died): only a restart
+    helps, so `/health` fails and `loraplex serve` exits."""
+
+    def __init__(self, message: str = "The engine has stopped; this server is shutting down."):
+        super().__init__(message, code="engine_dead")
 
 
 class PayloadTooLargeError(LoraplexError):

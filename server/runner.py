@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
+import signal
+import socket
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 
+import uvicorn
 from prometheus_client import CollectorRegistry
 from rich.console import Console
 
@@ -12,6 +18,14 @@ from server.settings import ServeSettings
 
 class ServeError(Exception):
     """The server cannot start with these settings; the message says why."""
+
+    exit_code = 2
+
+
+class EngineStoppedError(ServeError):
+    """The engine died while serving; the process exits 1 so that a supervisor restarts it."""
+
+    exit_code = 1
 
 
 def build_engine(settings: ServeSettings, *, model_dir: Path):
@@ -80,50 +94,99 @@ def build_resolver(settings: ServeSettings, *, engine, metrics):
 
 
 def run_server(settings: ServeSettings, *, model_dir: Path, console: Console) -> None:
-    import uvicorn
+    """Serve until SIGINT/SIGTERM (a clean return) or until the engine dies (`EngineStoppedError`).
 
+    On a stop signal, new connections are refused, in-flight requests get `drain_seconds` to
+    finish, then the engine shuts down. A dead engine never recovers in this process, so the
+    server exits non-zero and its supervisor restarts it, as vLLM's own server does."""
     from server.app import create_app
     from server.metrics import ServerMetrics
 
     if not (model_dir / "config.json").is_file():
         raise ServeError(f"{model_dir} is not a Hugging Face model folder (no config.json)")
+    sock = _listen(settings.host, settings.port)  # before the engine: a busy port fails at once
     engine = build_engine(settings, model_dir=model_dir)
     metrics = ServerMetrics(CollectorRegistry())
     resolver, registry = build_resolver(settings, engine=engine, metrics=metrics)
-    url = f"http://{settings.host}:{settings.port}"
     status = console.status(f"Starting the engine on {model_dir} (20-40 s on 2 CPU cores)...")
-    failure: list[str] = []
+    errors: list[ServeError] = []
+
+    def stop(error: ServeError) -> None:
+        status.stop()
+        errors.append(error)
+        server.should_exit = True
 
     def on_ready() -> None:
         status.stop()
-        console.print(f"[green]loraplex is serving[/green] {url}/v1")
-        console.print(f"  models: {', '.join(resolver.model_names())}")
-        console.print(f"  dtype: {engine.info.dtype} ({engine.info.dtype_reason})")
-        console.print(
-            f"  try: curl {url}/v1/chat/completions -H 'Content-Type: application/json' "
-            f'-d \'{{"model": "{settings.served_name}", "messages": '
-            '[{"role": "user", "content": "What is the capital of France?"}]}\''
-        )
-
-    def on_startup_error(reason: str) -> None:
-        status.stop()
-        failure.append(reason)
-        server.should_exit = True
+        _print_ready(console, settings, engine=engine, models=resolver.model_names())
 
     app = create_app(
         engine=engine, resolver=resolver, metrics=metrics, api_keys=settings.api_keys,
         registry=registry, admin_key=settings.admin_key, max_request_bytes=settings.max_request_bytes,
-        on_ready=on_ready, on_startup_error=on_startup_error,
+        on_ready=on_ready,
+        on_startup_error=lambda reason: stop(ServeError(f"startup failed: {reason}")),
+        on_engine_dead=lambda reason: stop(
+            EngineStoppedError(f"{reason} Exiting, so that a supervisor can restart loraplex.")
+        ),
     )  # fmt: skip
-    config = uvicorn.Config(
-        app, host=settings.host, port=settings.port, log_level="warning", access_log=False
-    )
-    server = uvicorn.Server(config)
+    server = QuietSignalServer(_uvicorn_config(app, settings))
     status.start()
     try:
-        server.run()
+        server.run(sockets=[sock])
     finally:
         status.stop()
+        sock.close()
         registry.close()
-    if failure:
-        raise ServeError(f"startup failed: {failure[0]}")
+    if errors:
+        raise errors[0]
+
+
+def _print_ready(console: Console, settings: ServeSettings, *, engine, models: list[str]) -> None:
+    url = f"http://{settings.host}:{settings.port}"
+    console.print(f"[green]loraplex is serving[/green] {url}/v1")
+    console.print(f"  models: {', '.join(models)}")
+    console.print(f"  dtype: {engine.info.dtype} ({engine.info.dtype_reason})")
+    console.print(
+        f"  try: curl {url}/v1/chat/completions -H 'Content-Type: application/json' "
+        f'-d \'{{"model": "{settings.served_name}", "messages": '
+        '[{"role": "user", "content": "What is the capital of France?"}]}\''
+    )
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        raise ServeError(f"cannot listen on {host}:{port}: {e.strerror or e}") from e
+    return sock
+
+
+def _uvicorn_config(app, settings: ServeSettings) -> uvicorn.Config:
+    return uvicorn.Config(
+        app, log_level=settings.log_level if settings.log_level == "debug" else "warning",
+        access_log=settings.log_level == "debug",
+        timeout_graceful_shutdown=settings.drain_seconds,
+    )  # fmt: skip
+
+
+class QuietSignalServer(uvicorn.Server):
+    """uvicorn re-raises the stop signal once it has shut down, so Ctrl-C ends in a
+    KeyboardInterrupt (exit 130) and SIGTERM kills the process before our cleanup runs; here a
+    stop that was asked for ends `run()` normally."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        handled = (signal.SIGINT, signal.SIGTERM)
+        original = {sig: signal.signal(sig, self.handle_exit) for sig in handled}
+        try:
+            yield
+        finally:
+            for sig, handler in original.items():
+                signal.signal(sig, handler)

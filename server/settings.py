@@ -44,3 +44,9 @@ class ServeSettings(RegistrySettings):
     max_request_bytes: int = Field(
         default=DEFAULT_MAX_REQUEST_BYTES, ge=1024, description="largest inference body; above: 413"
     )
+    log_level: Literal["debug", "info", "warning", "error"] = Field(
+        default="warning", description="console detail; info/debug also show vLLM's and torch's"
+    )
+    drain_seconds: float = Field(
+        default=3.0, ge=0, description="on SIGINT/SIGTERM, how long in-flight requests may finish"
+    )
