@@ -21,6 +21,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
+from registry.base_model import BaseModel
 from registry.records import VersionRecord
 from registry.validation import validate_adapter_dir
 from server.adapter_cache import AdapterDiskCache
@@ -49,9 +50,11 @@ class AdapterLoader:
         max_rank: int,
         first_id: int = 1,
         slot_wait_seconds: float = 5.0,
+        base: BaseModel | None = None,
     ):
         """`max_loaded`: the engine's adapter slots (vLLM's `max_cpu_loras`), all of them."""
         self._engine = engine
+        self._base = base  # the served model: an adapter must fit its layers
         self._cache = cache
         self._metrics = metrics
         self._max_loaded = max_loaded
@@ -129,7 +132,7 @@ class AdapterLoader:
         folder = self._cache.acquire(version)
         # The registry validated these files at register time against its own rank limit;
         # this engine's limit may be lower.
-        report = validate_adapter_dir(folder, max_rank=self._max_rank)
+        report = validate_adapter_dir(folder, max_rank=self._max_rank, base=self._base)
         if not report.ok:
             self._cache.unpin(version.sha256)
             raise AdapterLoadError(

@@ -65,17 +65,20 @@ def build_resolver(settings: ServeSettings, *, engine, metrics):
         adapters = dict(parse_adapter_option(a) for a in settings.adapters)
     except ValueError as e:
         raise ServeError(f"--adapter: {e}") from e
-    try:
-        local = LocalAdapters(
-            engine, base_name=settings.served_name, adapters=adapters, metrics=metrics
-        )
-        local.validate(max_rank=settings.max_lora_rank)
-    except ValueError as e:
-        raise ServeError(str(e)) from e
+    if settings.model is not None:  # adapters are checked against the model actually served
+        settings = settings.model_copy(update={"base_model_dir": settings.model})
     try:
         registry = Registry.open(settings)
     except RegistryError as e:
         raise ServeError(f"cannot open the registry: {e}") from e
+    try:
+        local = LocalAdapters(
+            engine, base_name=settings.served_name, adapters=adapters, metrics=metrics
+        )
+        local.validate(max_rank=settings.max_lora_rank, base=registry.base)
+    except ValueError as e:
+        registry.close()
+        raise ServeError(str(e)) from e
     cache = AdapterDiskCache(
         settings.data_dir() / "cache" / "adapters",
         artifacts=registry.artifacts,
@@ -84,7 +87,7 @@ def build_resolver(settings: ServeSettings, *, engine, metrics):
     )
     loader = AdapterLoader(
         engine, cache, metrics=metrics, max_loaded=settings.max_cpu_loras,
-        max_rank=settings.max_lora_rank, first_id=len(adapters) + 1,
+        max_rank=settings.max_lora_rank, first_id=len(adapters) + 1, base=registry.base,
     )  # fmt: skip
     resolver = RegistryResolver(
         registry.store, loader, local=local, metrics=metrics,

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
+from registry.base_model import BaseModel
 from registry.validation import validate_adapter_dir
 from server.engine import AdapterHandle, Engine
 from server.errors import ModelNotFoundError
@@ -81,11 +82,11 @@ class LocalAdapters:
         if base_name in self._handles:
             raise ValueError(f"adapter name {base_name!r} is the base model's served name")
 
-    def validate(self, *, max_rank: int) -> None:
+    def validate(self, *, max_rank: int, base: BaseModel | None = None) -> None:
         """Check every adapter folder; raise one error listing every problem of every folder."""
         problems: list[str] = []
         for name, handle in self._handles.items():
-            report = validate_adapter_dir(Path(handle.path), max_rank=max_rank)
+            report = validate_adapter_dir(Path(handle.path), max_rank=max_rank, base=base)
             problems += [f"{name}: {p}" for p in report.problems]
         if problems:
             raise ValueError("invalid adapters:\n  " + "\n  ".join(problems))

@@ -265,3 +265,22 @@ def test_an_unusable_base_config_is_a_problem_not_an_exception(tmp_path):
     (tmp_path / "base" / "config.json").write_bytes(b"\xff")
     unreadable = load_base_model("tiny", tmp_path / "base", embedded=False)
     assert "cannot be read" in unreadable.problem
+
+
+def test_serve_checks_local_adapters_against_the_served_model(tmp_path: Path, embedded_model_dir):
+    """`loraplex serve --adapter` refuses, before the engine starts, a folder whose tensors do not
+    fit the model it would be served on (SmolLM2's 576-wide attention, not this 64-wide one)."""
+    from prometheus_client import CollectorRegistry
+
+    from server.engine_fake import FakeEngine
+    from server.metrics import ServerMetrics
+    from server.runner import ServeError, build_resolver
+    from server.settings import ServeSettings
+
+    folder = make_adapter(tmp_path / "narrow")
+    settings = ServeSettings(
+        home=tmp_path / "home", model=embedded_model_dir, adapters=[f"narrow={folder}"]
+    )
+    metrics = ServerMetrics(CollectorRegistry())
+    with pytest.raises(ServeError, match=r"narrow: .*(shape|576)"):
+        build_resolver(settings, engine=FakeEngine(), metrics=metrics)
