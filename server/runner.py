@@ -65,6 +65,11 @@ def build_resolver(settings: ServeSettings, *, engine, metrics):
         adapters = dict(parse_adapter_option(a) for a in settings.adapters)
     except ValueError as e:
         raise ServeError(f"--adapter: {e}") from e
+    if len(adapters) > settings.max_cpu_loras:
+        raise ServeError(
+            f"{len(adapters)} --adapter folders but the engine holds {settings.max_cpu_loras} "
+            "adapters (LORAPLEX_MAX_CPU_LORAS): raise it or serve fewer"
+        )
     if settings.model is not None:  # adapters are checked against the model actually served
         settings = settings.model_copy(update={"base_model_dir": settings.model})
     try:

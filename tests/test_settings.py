@@ -31,3 +31,18 @@ def test_registry_opened_by_the_server_uses_the_server_values(
         assert not (tmp_path / "from-env.db").exists()
     finally:
         registry.close()
+
+
+def test_more_local_adapters_than_engine_slots_is_refused_at_startup(tmp_path: Path) -> None:
+    from prometheus_client import CollectorRegistry
+
+    from server.engine_fake import FakeEngine
+    from server.metrics import ServerMetrics
+    from server.runner import ServeError, build_resolver
+
+    settings = ServeSettings(
+        home=tmp_path, max_cpu_loras=2, adapters=[f"a{i}={tmp_path / str(i)}" for i in range(3)]
+    )
+    metrics = ServerMetrics(CollectorRegistry())
+    with pytest.raises(ServeError, match="3 --adapter folders but the engine holds 2"):
+        build_resolver(settings, engine=FakeEngine(), metrics=metrics)
