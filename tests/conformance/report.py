@@ -1,7 +1,8 @@
 """Print the conformance figures: requests generated from OpenAI's request schemas, sent to a
-server on the fake engine (or, with --engine, the real one), and what came back.
+server on the fake engine, and what came back (tests/test_conformance.py runs a sample on
+the real engine).
 
-    .venv/bin/python tests/conformance/report.py [--cases 300] [--engine]
+    .venv/bin/python tests/conformance/report.py [--cases 300]
 
 Figures: cases per endpoint, the share answered 200, 5xx (must be 0), schema violations (must
 be 0) and the refusals grouped by reason. The cases are the same on every run (derandomized).
@@ -12,6 +13,8 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+
+import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
@@ -43,12 +46,10 @@ def main() -> int:
             total.ok += tally.ok
             total.server_errors += tally.server_errors
             total.violations += tally.violations
-        check_models_tally = Tally()
-        import httpx
-
+        models_tally = Tally()
         with httpx.Client(base_url=url) as client:
-            check_models(client, check_models_tally)
-        print_tally("models", check_models_tally)
+            check_models(client, models_tally)
+        print_tally("models", models_tally)
     print(f"\nall: {total.cases} cases, {total.share_ok():.1%} answered 200, "
           f"{total.server_errors} 5xx, {len(total.violations)} violations")  # fmt: skip
     return 1 if total.server_errors or total.violations else 0
