@@ -275,3 +275,12 @@ def artifacts_root(tmp_path: Path) -> Path:
 def list_archives() -> Callable[[Path], list[Path]]:
     """Archives in a file:// store, temporary upload files excluded."""
     return lambda root: sorted(p for p in root.rglob("*.tar") if not p.name.startswith("."))
+
+
+@pytest.fixture
+def stacks() -> Iterator[list]:
+    """Fake-engine servers on a real registry (`tests.support.registry_stack`), stopped after."""
+    started: list = []
+    yield started
+    for stack in started:
+        stack.stop()

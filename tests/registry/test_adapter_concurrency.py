@@ -36,14 +36,6 @@ def sqlite_registry(tmp_path: Path) -> Iterator[Registry]:
         yield registry
 
 
-@pytest.fixture
-def stacks() -> Iterator[list[RegistryStack]]:
-    started: list[RegistryStack] = []
-    yield started
-    for stack in started:
-        stack.stop()
-
-
 def register(registry: Registry, make_adapter: Callable[..., Path], name: str, count: int):
     return [registry.register(name, make_adapter(), actor="t") for _ in range(count)]
 

@@ -36,14 +36,6 @@ def sqlite_registry(tmp_path: Path, artifacts_root: Path) -> Iterator[Registry]:
         yield registry
 
 
-@pytest.fixture
-def stacks() -> Iterator[list[RegistryStack]]:
-    started: list[RegistryStack] = []
-    yield started
-    for stack in started:
-        stack.stop()
-
-
 def archive_of(artifacts_root: Path, sha256: str) -> Path:
     (found,) = artifacts_root.rglob(f"{sha256}*")
     return found
