@@ -10,11 +10,12 @@ from pydantic import ValidationError
 from rich.console import Console
 from rich.markup import escape
 
-from server.console_logging import configure_serve_logging, quiet_spawned_engine_process
+from server.console_logging import configure_serve_logging
 from server.settings import ServeSettings
+from server.spawned import prepare_spawned_engine_process, skip_final_gc
 
-# vLLM's engine processes are spawned and re-import the console script, so this module, first.
-quiet_spawned_engine_process()
+# First thing in every engine process vLLM spawns from `loraplex serve` (see server.spawned).
+prepare_spawned_engine_process()
 
 console = Console(stderr=True, soft_wrap=True)
 model_app = typer.Typer(help="The base model: prepare the embedded default.", no_args_is_help=True)
@@ -118,6 +119,7 @@ def serve(
         console.print(f"[red]error:[/red] {escape(str(e))}")
         raise typer.Exit(2) from e
     configure_serve_logging(settings.log_level)  # before torch or vLLM is imported
+    skip_final_gc()
     from server.runner import ServeError, run_server
 
     model_dir = settings.model or _prepare_model(settings.data_dir())

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import os
-import sys
 import warnings
 
 LOG_FORMAT = "%(levelname)s %(name)s: %(message)s"
@@ -37,16 +36,3 @@ def configure_serve_logging(level: str) -> None:
     os.environ.setdefault("PYTHONWARNINGS", specs)
     for category in QUIET_WARNINGS:
         warnings.filterwarnings("ignore", category=category)
-
-
-def quiet_spawned_engine_process() -> None:
-    """In a process vLLM spawned from `loraplex serve`, apply the chosen vLLM level now.
-
-    vLLM's spawned processes re-import the console script (hence `loraplex.cli`) before any vLLM
-    module, and vLLM 0.32 logs its import-time warnings before it configures logging (it does so
-    lazily, per process), so without this they reach Python's last-resort handler on stderr.
-    """
-    if "--multiprocessing-fork" not in sys.argv:  # only in multiprocessing's spawned children
-        return
-    if level := os.environ.get("VLLM_LOGGING_LEVEL"):
-        logging.getLogger("vllm").setLevel(level.upper())

@@ -335,5 +335,8 @@ def _with_response_format(options: SamplingOptions, req: ChatCompletionRequest) 
         return options
     if fmt.type == "json_object":
         return replace(options, json_object=True)
-    assert fmt.json_schema is not None  # checked by the request model
+    if fmt.json_schema is None:  # the request model requires it; never an assert on a request
+        raise InvalidRequestError(
+            "response_format of type json_schema needs a json_schema", param="response_format"
+        )
     return replace(options, json_schema=fmt.json_schema.schema_)

@@ -1,0 +1,46 @@
+"""What every process vLLM spawns from `loraplex serve` (engine core, model worker) does first,
+and how every process of `loraplex serve` exits quickly.
+
+vLLM starts them with multiprocessing's "spawn": each is a fresh interpreter that re-imports the
+console script, hence `loraplex.cli` and `server.cli`, before any vLLM module. That import calls
+`prepare_spawned_engine_process()`, which does nothing in any other process.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import gc
+import logging
+import multiprocessing
+import os
+
+
+def prepare_spawned_engine_process() -> None:
+    # A spawned child gets its process name (vLLM: "EngineCore", "VllmWorker-0") before it
+    # re-imports the main module; its sys.argv is the parent's by then.
+    if multiprocessing.current_process().name == "MainProcess":
+        return
+    # Ctrl-C in a terminal signals the whole foreground process group. vLLM's engine core and
+    # worker then start tearing themselves down while `loraplex serve` stops them too: the core
+    # gets SIGTERM in the middle of its teardown (its handler is reset by then), dies before
+    # unlinking its shared-memory queue, and the resource tracker warns about a leaked
+    # shared_memory object. In their own process group only the server gets Ctrl-C and stops
+    # them in order, as for a SIGTERM from a supervisor.
+    with contextlib.suppress(OSError):
+        os.setpgid(0, 0)
+    # vLLM 0.32 configures logging lazily, per process, and logs import-time warnings ("Triton
+    # is installed, but doesn't include CPU backend") before that, through Python's last-resort
+    # handler; apply the level `loraplex serve` chose (server.console_logging) now.
+    if level := os.environ.get("VLLM_LOGGING_LEVEL"):
+        logging.getLogger("vllm").setLevel(level.upper())
+    skip_final_gc()
+
+
+def skip_final_gc() -> None:
+    """At exit, skip the interpreter's last garbage collection over the heap torch and the model
+    leave: 2-3 s per process on 2 busy cores, paid one process after another (worker, engine
+    core, server) on every stop. The OS reclaims the memory anyway; vLLM freezes the heap in
+    its engine core's teardown on ROCm for the same reason. Registered early, so it runs after
+    every other exit handler."""
+    atexit.register(gc.freeze)
