@@ -12,7 +12,7 @@ from rich.markup import escape
 
 from server.console_logging import configure_serve_logging
 from server.settings import ServeSettings
-from server.spawned import prepare_spawned_engine_process, skip_final_gc
+from server.spawned import exit_fast_and_quietly, prepare_spawned_engine_process
 
 # First thing in every engine process vLLM spawns from `loraplex serve` (see server.spawned).
 prepare_spawned_engine_process()
@@ -119,7 +119,8 @@ def serve(
         console.print(f"[red]error:[/red] {escape(str(e))}")
         raise typer.Exit(2) from e
     configure_serve_logging(settings.log_level)  # before torch or vLLM is imported
-    skip_final_gc()
+    if settings.log_level in ("warning", "error"):
+        exit_fast_and_quietly()
     from server.runner import ServeError, run_server
 
     model_dir = settings.model or _prepare_model(settings.data_dir())

@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import importlib.metadata
 import logging
+import multiprocessing
 import os
 import signal
 from collections.abc import AsyncIterator, Sequence
@@ -99,6 +100,7 @@ class VllmEngine:
     def __init__(self, settings: VllmEngineSettings):
         self._settings = settings
         self._llm: Any = None
+        self._building: asyncio.Future | None = None  # the AsyncLLM being built, during start()
         self._tokenizer: Any = None
         self._info = ModelInfo(
             served_name=settings.served_name,
@@ -128,7 +130,9 @@ class VllmEngine:
         _configure_process_environment(self._settings)
         # Building the engine blocks for tens of seconds (engine-core process start, weights,
         # warm-up); a thread keeps the event loop answering /health meanwhile.
-        self._llm = await asyncio.to_thread(self._build)
+        self._building = asyncio.get_running_loop().run_in_executor(None, self._build)
+        self._llm = await asyncio.shield(self._building)  # shutdown() may still need it
+        self._building = None
         self._tokenizer = self._llm.get_tokenizer()
         config = self._llm.vllm_config.model_config
         self._info = ModelInfo(
@@ -164,6 +168,8 @@ class VllmEngine:
         return AsyncLLM.from_engine_args(args)
 
     async def shutdown(self) -> None:
+        if self._llm is None and self._building is not None:
+            self._llm = await self._abandon_start()
         if self._llm is not None:
             llm, self._llm = self._llm, None
             # Stop reading outputs before the engine core goes away, or the reader logs the
@@ -177,6 +183,20 @@ class VllmEngine:
             # AsyncLLM.__del__ calls shutdown() again, which is not idempotent: run at interpreter
             # exit, it fails on module globals already torn down (TypeError noise on stderr).
             llm.shutdown = lambda *args, **kwargs: None
+
+    async def _abandon_start(self) -> Any:
+        """Stopped while vLLM is still starting (Ctrl-C during startup): kill the engine
+        processes being started, so that the build fails at once instead of finishing (tens of
+        seconds) only to be shut down. Returns the engine if it was built all the same."""
+        building, self._building = self._building, None
+        if not building.done():
+            for process in multiprocessing.active_children():  # vLLM's engine core, ours alone
+                process.kill()
+        try:
+            return await asyncio.wait_for(building, timeout=30)
+        except Exception as e:  # the expected outcome: vLLM reports its core's death
+            log.info("engine start abandoned: %s", e)
+            return None
 
     async def check_health(self) -> None:
         llm = self._llm

@@ -24,7 +24,7 @@ from tests.test_cli import LORAPLEX
 
 pytestmark = pytest.mark.engine
 
-NOISE = ("Triton", "FutureWarning", "leaked shared_memory", "resource_tracker", "Traceback")
+NOISE = ("Triton", "FutureWarning", "leaked", "resource_tracker", "Traceback", "Exception ignored")
 
 
 class ServeProcess:
