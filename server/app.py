@@ -68,6 +68,7 @@ def create_app(
 
     app = FastAPI(title="loraplex", version=__version__, lifespan=lifespan)
     app.state.loraplex = state
+    app.state.loraplex_lifecycle = lifecycle  # the runner starts its drain on a stop signal
     app.state.loraplex_registry = registry
     app.state.loraplex_admin_key = admin_key
     install_error_handlers(app)

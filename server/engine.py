@@ -140,3 +140,7 @@ class Engine(Protocol):
     async def remove_adapter(self, adapter: AdapterHandle) -> None: ...
 
     async def loaded_adapters(self) -> set[int]: ...
+
+    async def abort_all(self, reason: str) -> None:
+        """End every generation in progress: each raises `EngineNotReadyError(reason)` (the
+        server is stopping and its drain time is up)."""

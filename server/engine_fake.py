@@ -43,6 +43,7 @@ class FakeEngine:
         self._in_flight = 0
         self._ready = False
         self._dead: str | None = None  # why it died; set by kill()
+        self._aborted: str | None = None  # why generations in progress end; set by abort_all()
         self._vocab: dict[str, int] = {}
         self._words: list[str] = []
         self._adapters: dict[int, AdapterHandle] = {}
@@ -126,6 +127,8 @@ class FakeEngine:
                 return
             await asyncio.sleep(self._token_delay)
             await self.check_health()  # a death mid-stream fails the stream, as in vLLM
+            if self._aborted is not None:
+                raise EngineNotReadyError(self._aborted)
             emitted += piece
             request.stats.completion_tokens += 1
             last = i == len(words) - 1 or i == options.max_tokens - 1
@@ -146,3 +149,6 @@ class FakeEngine:
 
     async def loaded_adapters(self) -> set[int]:
         return set(self._adapters)
+
+    async def abort_all(self, reason: str) -> None:
+        self._aborted = reason

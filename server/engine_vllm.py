@@ -101,6 +101,8 @@ class VllmEngine:
         self._settings = settings
         self._llm: Any = None
         self._building: asyncio.Future | None = None  # the AsyncLLM being built, during start()
+        self._in_flight: set[str] = set()  # request ids of generations in progress
+        self._aborted: str | None = None  # why they were ended (abort_all), if they were
         self._tokenizer: Any = None
         self._info = ModelInfo(
             served_name=settings.served_name,
@@ -287,11 +289,14 @@ class VllmEngine:
         params = _sampling_params(request.options)
         lora = self._lora_request(request.adapter) if request.adapter else None
         prompt = {"prompt_token_ids": request.prompt_token_ids}
+        self._in_flight.add(request.request_id)
         try:
             async for out in llm.generate(prompt, params, request.request_id, lora_request=lora):
                 request.stats.prompt_tokens = len(out.prompt_token_ids or ())
                 request.stats.cached_tokens = out.num_cached_tokens or 0
                 for choice in out.outputs:
+                    if choice.finish_reason == "abort" and self._aborted is not None:
+                        raise EngineNotReadyError(self._aborted)
                     request.stats.completion_tokens += len(choice.token_ids)
                     yield GenerationDelta(
                         index=choice.index,
@@ -300,6 +305,8 @@ class VllmEngine:
                         logprobs=self._logprobs(choice, request.options.logprobs),
                         finish_reason=choice.finish_reason,
                     )
+        except EngineNotReadyError:
+            raise
         except VllmEngineDeadError as e:
             raise EngineDeadError(f"The engine has stopped: {_death_reason(llm)}.") from e
         except GracefulHTTPError as e:
@@ -310,6 +317,13 @@ class VllmEngine:
             raise
         except Exception as e:
             raise EngineError(f"Generation failed: {e}") from e
+        finally:
+            self._in_flight.discard(request.request_id)
+
+    async def abort_all(self, reason: str) -> None:
+        self._aborted = reason
+        if self._llm is not None and self._in_flight:
+            await self._llm.abort(list(self._in_flight))  # each ends with finish_reason "abort"
 
     def _logprobs(self, choice: Any, top_k: int | None) -> tuple[TokenLogprob, ...]:
         if top_k is None or not choice.logprobs:

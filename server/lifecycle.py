@@ -29,13 +29,29 @@ class Lifecycle:
     on_engine_dead: Callable[[str], None] | None = None
     health_poll_seconds: float = 0.5
     _task: asyncio.Task | None = None
+    _drain: asyncio.TimerHandle | None = None
+    _aborting: asyncio.Task | None = None
 
     def begin(self) -> None:
         """Start up in the background, so that /health answers at once and /ready says
         "starting" until the engine and adapters are loaded; then watch the engine."""
         self._task = asyncio.create_task(self._run(), name="loraplex-lifecycle")
 
+    def drain(self, seconds: float) -> None:
+        """A stop was asked for (the listening socket is closed by now): requests in flight get
+        `seconds` to finish; then each ends with a 503 "shutting down" error, in-band for a
+        stream, instead of being cut off mid-response. Call on the event loop's thread."""
+        if self._drain is None:
+            loop = asyncio.get_running_loop()
+            self._drain = loop.call_later(seconds, self._abort_in_flight)
+
+    def _abort_in_flight(self) -> None:
+        reason = "The server is shutting down; retry the request."
+        self._aborting = asyncio.create_task(self.state.engine.abort_all(reason))
+
     async def stop(self) -> None:
+        if self._drain is not None:
+            self._drain.cancel()
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import signal
 import socket
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from types import FrameType
 
 import uvicorn
 from prometheus_client import CollectorRegistry
@@ -137,7 +139,11 @@ def run_server(settings: ServeSettings, *, model_dir: Path, console: Console) ->
             EngineStoppedError(f"{reason} Exiting, so that a supervisor can restart loraplex.")
         ),
     )  # fmt: skip
-    server = QuietSignalServer(_uvicorn_config(app, settings))
+    lifecycle = app.state.loraplex_lifecycle
+    server = QuietSignalServer(
+        _uvicorn_config(app, settings),
+        on_stop_signal=lambda: lifecycle.drain(settings.drain_seconds),
+    )
     status.start()
     try:
         server.run(sockets=[sock])
@@ -177,14 +183,26 @@ def _uvicorn_config(app, settings: ServeSettings) -> uvicorn.Config:
     return uvicorn.Config(
         app, log_level=settings.log_level if settings.log_level == "debug" else "warning",
         access_log=settings.log_level == "debug",
-        timeout_graceful_shutdown=settings.drain_seconds,
+        # A backstop: the drain (server.lifecycle) ends requests in flight in time, each with an
+        # error of its own; uvicorn's cancellation would log a traceback per request instead.
+        timeout_graceful_shutdown=settings.drain_seconds + 5,
     )  # fmt: skip
 
 
 class QuietSignalServer(uvicorn.Server):
     """uvicorn re-raises the stop signal once it has shut down, so Ctrl-C ends in a
     KeyboardInterrupt (exit 130) and SIGTERM kills the process before our cleanup runs; here a
-    stop that was asked for ends `run()` normally."""
+    stop that was asked for ends `run()` normally, and the first one starts the drain."""
+
+    def __init__(self, config: uvicorn.Config, *, on_stop_signal: Callable[[], None]):
+        super().__init__(config)
+        self._on_stop_signal = on_stop_signal
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if not self.should_exit:
+            with contextlib.suppress(RuntimeError):  # no event loop yet: nothing in flight
+                asyncio.get_running_loop().call_soon(self._on_stop_signal)
+        super().handle_exit(sig, frame)
 
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:

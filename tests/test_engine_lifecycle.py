@@ -115,3 +115,21 @@ def test_a_stream_fails_when_the_engine_dies_mid_stream(fake_server):
         for _ in stream:
             pass
     assert httpx.get(f"{server.url}/health").status_code == 503
+
+
+def test_the_drain_ends_requests_still_running_with_an_error_of_their_own(fake_server):
+    engine = FakeEngine(token_delay=0.3)  # the answer takes ~3 s
+    server = fake_server(engine=engine)
+    client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="x", max_retries=0)
+    stream = client.chat.completions.create(**CHAT, stream=True)
+    assert next(iter(stream)).choices[0].delta.content
+
+    async def stop_signal() -> None:  # what `loraplex serve` does on SIGINT/SIGTERM
+        server.app.state.loraplex_lifecycle.drain(0.5)
+
+    started = time.monotonic()
+    server.call(stop_signal())
+    with pytest.raises(openai.APIError, match="shutting down"):
+        for _ in stream:
+            pass
+    assert 0.4 < time.monotonic() - started < 1.5  # it had its drain time, then no more

@@ -9,13 +9,13 @@ import contextlib
 import os
 import signal
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
-import openai
 import psutil
 import pytest
 
@@ -54,13 +54,13 @@ class ServeProcess:
 
 
 @contextmanager
-def serve(tmp_path: Path, model_dir: Path) -> Iterator[ServeProcess]:
+def serve(tmp_path: Path, model_dir: Path, *flags: str) -> Iterator[ServeProcess]:
     port = free_port()
     output = tmp_path / "serve.log"
     env = {**os.environ, "LORAPLEX_HOME": str(tmp_path / "home"), "LORAPLEX_KV_CACHE_GIB": "1"}
     for inherited in ("VLLM_LOGGING_LEVEL", "PYTHONWARNINGS", "TORCH_CPP_LOG_LEVEL"):
         env.pop(inherited, None)  # the console a user gets, not the one this suite may set
-    cmd = [LORAPLEX, "serve", "--model", str(model_dir), "--port", str(port), "--max-model-len", "512"]  # fmt: skip
+    cmd = [LORAPLEX, "serve", "--model", str(model_dir), "--port", str(port), "--max-model-len", "512", *flags]  # fmt: skip
     with output.open("w") as sink:
         process = subprocess.Popen(
             cmd, env=env, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True
@@ -82,20 +82,34 @@ def _alive(processes: list[psutil.Process]) -> list[psutil.Process]:
     return alive
 
 
-def test_ctrl_c_stops_within_seconds_quietly_and_leaks_nothing(tmp_path, embedded_model_dir):
-    with serve(tmp_path, embedded_model_dir) as server:
+def _long_stream(url: str, lines: list[str], first: threading.Event) -> None:
+    body = {"model": "smollm2", "prompt": "Once upon a time", "max_tokens": 400, "ignore_eos": True}
+    with httpx.stream("POST", f"{url}/v1/completions", json={**body, "stream": True}) as r:
+        for line in r.iter_lines():
+            lines.append(line)
+            first.set()
+
+
+def test_ctrl_c_drains_stops_within_seconds_quietly_and_leaks_nothing(tmp_path, embedded_model_dir):
+    with serve(tmp_path, embedded_model_dir, "--drain-seconds", "1") as server:
         server.wait_ready()
-        client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="x", max_retries=0)
-        reply = client.completions.create(model="smollm2", prompt="Hello", max_tokens=4)
-        assert reply.choices[0].text
         children = psutil.Process(server.process.pid).children(recursive=True)
         assert any("EngineCore" in c.name() for c in children), children
+        lines: list[str] = []
+        first = threading.Event()
+        stream = threading.Thread(target=_long_stream, args=(server.url, lines, first))
+        stream.start()
+        assert first.wait(timeout=120)  # a request in flight: 400 tokens take far longer than 1 s
         os.killpg(server.process.pid, signal.SIGINT)  # what a terminal's Ctrl-C does
         seconds = server.exit_seconds()
-        print(f"loraplex serve stopped {seconds:.2f} s after SIGINT")
+        print(f"loraplex serve stopped {seconds:.2f} s after SIGINT, a stream in flight")
+        stream.join(timeout=10)
         output = server.text()
         assert server.process.returncode == 0, output
         assert seconds < 6, f"took {seconds:.1f} s to stop"
+        # The stream had its drain second, then an OpenAI-shaped error event, then [DONE].
+        events = [line for line in lines if line]
+        assert "shutting down" in events[-2] and events[-1] == "data: [DONE]", events[-3:]
         assert "loraplex is serving" in output
         assert not [word for word in NOISE if word in output], output
         wait_for(lambda: not _alive(children), timeout=5)  # no engine process outlives it
