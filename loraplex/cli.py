@@ -7,6 +7,7 @@ import typer
 from loadtest import cli as loadtest_cli
 from registry import cli as registry_cli
 from server import cli as server_cli
+from server.ab import cli as ab_cli
 
 app = typer.Typer(
     help="loraplex: serve, version and test many LoRA adapters on one base model.",
@@ -16,6 +17,7 @@ app = typer.Typer(
 app.command("serve")(server_cli.serve)
 app.add_typer(server_cli.model_app, name="model")
 app.add_typer(registry_cli.app, name="registry")
+app.add_typer(ab_cli.app, name="ab")
 app.command("loadtest")(loadtest_cli.loadtest)
 
 

@@ -12,8 +12,9 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from fastapi.security import HTTPAuthorizationCredentials
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from server.ab.assignment import MAX_USER_KEY_CHARS
 from server.auth import bearer_scheme, check_bearer
-from server.errors import LoraplexError, error_body
+from server.errors import InvalidRequestError, LoraplexError, error_body
 from server.openai_service import CompletionService, Prepared
 from server.protocol import ChatCompletionRequest, CompletionRequest
 from server.state import AppState
@@ -52,22 +53,42 @@ class _EventStreamResponse(StreamingResponse):
             await self.body_iterator.aclose()
 
 
+USER_HEADER = "x-loraplex-user"
+
+
 def _respond(prepared: Prepared, body_or_stream, *, stream: bool) -> Response:
     headers = {}
     if prepared.target.adapter is not None:
         headers["x-loraplex-adapter"] = prepared.target.served_as
+    if (assignment := prepared.target.assignment) is not None:
+        headers["x-loraplex-experiment"] = str(assignment.experiment_id)
+        headers["x-loraplex-variant"] = str(assignment.variant.index)
     if stream:
         return _EventStreamResponse(body_or_stream, media_type="text/event-stream", headers=headers)
     return JSONResponse(body_or_stream, headers=headers)
 
 
-async def _prepare(state: AppState, req: ChatCompletionRequest | CompletionRequest) -> Prepared:
+def user_key(req: ChatCompletionRequest | CompletionRequest, request: Request) -> str | None:
+    """The sticky A/B key: OpenAI's `user` field, else the x-loraplex-user header."""
+    key = req.user or request.headers.get(USER_HEADER)
+    key = key.strip() if key else None
+    if key and len(key) > MAX_USER_KEY_CHARS:
+        raise InvalidRequestError(
+            f"The user key is longer than {MAX_USER_KEY_CHARS} characters.", param="user"
+        )
+    return key or None
+
+
+async def _prepare(
+    state: AppState, req: ChatCompletionRequest | CompletionRequest, request: Request
+) -> Prepared:
     """Prepare, counting a rejected request under its model (or "unknown": labels stay bounded)."""
     try:
         service = await _require_ready(state)
+        user = user_key(req, request)
         if isinstance(req, ChatCompletionRequest):
-            return await service.prepare_chat(req)
-        return await service.prepare_completion(req)
+            return await service.prepare_chat(req, user=user)
+        return await service.prepare_completion(req, user=user)
     except LoraplexError as e:
         known = req.model in state.resolver.model_names()
         endpoint = "chat" if isinstance(req, ChatCompletionRequest) else "completions"
@@ -79,8 +100,10 @@ async def _prepare(state: AppState, req: ChatCompletionRequest | CompletionReque
 
 
 @router.post("/v1/chat/completions", dependencies=[Depends(require_inference_key)])
-async def chat_completions(req: ChatCompletionRequest, state: StateDep) -> Response:
-    prepared = await _prepare(state, req)
+async def chat_completions(
+    req: ChatCompletionRequest, state: StateDep, request: Request
+) -> Response:
+    prepared = await _prepare(state, req, request)
     service = state.service
     if req.stream:
         return _respond(prepared, await service.open_stream(prepared), stream=True)
@@ -88,8 +111,8 @@ async def chat_completions(req: ChatCompletionRequest, state: StateDep) -> Respo
 
 
 @router.post("/v1/completions", dependencies=[Depends(require_inference_key)])
-async def completions(req: CompletionRequest, state: StateDep) -> Response:
-    prepared = await _prepare(state, req)
+async def completions(req: CompletionRequest, state: StateDep, request: Request) -> Response:
+    prepared = await _prepare(state, req, request)
     service = state.service
     if req.stream:
         return _respond(prepared, await service.open_stream(prepared), stream=True)

@@ -14,6 +14,7 @@ from prometheus_client import CollectorRegistry
 
 from loraplex import __version__
 from registry.service import Registry
+from server.ab.http import router as ab_router
 from server.admin import router as admin_router
 from server.api import router
 from server.engine import Engine
@@ -75,4 +76,5 @@ def create_app(
     app.add_middleware(RequestLimits, max_body_bytes=max_request_bytes)
     app.include_router(router)
     app.include_router(admin_router)
+    app.include_router(ab_router)
     return app

@@ -25,6 +25,8 @@ import logging
 
 from registry.errors import (
     ArtifactIntegrityError,
+    ExperimentConflictError,
+    ExperimentNotRunningError,
     NotFoundError,
     RegistryError,
     RegistryUserError,
@@ -155,6 +157,8 @@ def openai_error(message: str, *, type: str, param: str | None = None, code: str
 
 
 def _registry_status(exc: RegistryError) -> tuple[int, str]:
+    if isinstance(exc, ExperimentConflictError | ExperimentNotRunningError):
+        return 409, "invalid_request_error"  # the experiment's state, not the request, is wrong
     if isinstance(exc, NotFoundError):
         return 404, "invalid_request_error"
     if isinstance(exc, RegistryUserError):

@@ -105,6 +105,83 @@ class ServerMetrics:
         self.engine_ready = Gauge(
             "loraplex_engine_ready", "1 when the engine can serve.", registry=registry
         )
+        self._init_ab(registry)
+
+    def _init_ab(self, registry: CollectorRegistry) -> None:
+        """A/B experiments; labels bounded by one running experiment per adapter name."""
+        labels = ["adapter", "version", "experiment", "variant"]
+        self.ab_requests = Counter(
+            "loraplex_ab_requests_total", "Requests served inside an experiment.", labels,
+            registry=registry,
+        )  # fmt: skip
+        self.ab_errors = Counter(
+            "loraplex_ab_errors_total", "Requests inside an experiment that failed (5xx).",
+            labels, registry=registry,
+        )  # fmt: skip
+        self.ab_unanalysed = Counter(
+            "loraplex_ab_unanalysed_requests_total",
+            "Requests inside an experiment left out of its analysis: reason unkeyed (no user "
+            "key) or outside-slice (served the control outside the analysed 1:1 slice).",
+            [*labels, "reason"], registry=registry,
+        )  # fmt: skip
+        self.ab_latency = Histogram(
+            "loraplex_ab_request_duration_seconds", "End-to-end latency inside an experiment.",
+            labels, buckets=_LATENCY_BUCKETS, registry=registry,
+        )  # fmt: skip
+        self.ab_ttft = Histogram(
+            "loraplex_ab_time_to_first_token_seconds", "Time to first token inside an experiment.",
+            labels, buckets=_TTFT_BUCKETS, registry=registry,
+        )  # fmt: skip
+        self.ab_output_tokens = Counter(
+            "loraplex_ab_output_tokens_total", "Tokens generated inside an experiment.", labels,
+            registry=registry,
+        )  # fmt: skip
+        self.ab_feedback = Counter(
+            "loraplex_ab_feedback_total", "Feedback scores received (first rating per completion).",
+            labels, registry=registry,
+        )  # fmt: skip
+        self.ab_feedback_score = Counter(
+            "loraplex_ab_feedback_score_sum", "Sum of the feedback scores received.", labels,
+            registry=registry,
+        )  # fmt: skip
+        self.ab_users = Gauge(
+            "loraplex_ab_users", "Users exposed in the analysed slice (all replicas; as of the "
+            "last analysis pass).", labels, registry=registry,
+        )  # fmt: skip
+        self.ab_records = Counter(
+            "loraplex_ab_recorded_requests_total",
+            "Experiment requests written to the registry database.", registry=registry,
+        )  # fmt: skip
+        self.ab_flush_errors = Counter(
+            "loraplex_ab_flush_errors_total",
+            "Failed writes of experiment data (kept and retried).", registry=registry,
+        )  # fmt: skip
+        self.ab_records_dropped = Counter(
+            "loraplex_ab_records_dropped_total",
+            "Completion ids dropped from a full buffer during a long database outage.",
+            registry=registry,
+        )  # fmt: skip
+        self.ab_decisions = Counter(
+            "loraplex_ab_actions_total", "Actions taken by this replica's analysis passes.",
+            ["adapter", "experiment", "action"], registry=registry,
+        )  # fmt: skip
+
+    def observe_ab_request(
+        self, *, adapter: str, version: int, experiment: int, variant: int, error: bool,
+        seconds: float, ttft: float | None, output_tokens: int, unanalysed: str | None,
+    ) -> None:  # fmt: skip
+        labels = (adapter, str(version), str(experiment), str(variant))
+        self.ab_requests.labels(*labels).inc()
+        if error:
+            self.ab_errors.labels(*labels).inc()
+        else:
+            self.ab_latency.labels(*labels).observe(seconds)
+        if ttft is not None:
+            self.ab_ttft.labels(*labels).observe(ttft)
+        if output_tokens:
+            self.ab_output_tokens.labels(*labels).inc(output_tokens)
+        if unanalysed is not None:
+            self.ab_unanalysed.labels(*labels, unanalysed).inc()
 
     def observe_adapter_load(self, adapter: str, seconds: float, *, ok: bool = True) -> None:
         self.adapter_loads.labels(adapter, "ok" if ok else "error").inc()

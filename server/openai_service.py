@@ -17,6 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from typing import Any, TypeVar
 
+from server.ab.recorder import RequestOutcome
 from server.engine import Engine, GenerationDelta, GenerationRequest, SamplingOptions
 from server.errors import ContextLengthError, InvalidRequestError, LoraplexError, error_body
 from server.metrics import ServerMetrics
@@ -40,6 +41,7 @@ class Prepared:
     ended: bool = False  # the request's end was observed: lease returned, gauge down
     continuous_usage: bool = False
     echo: list[str] | None = None  # completions with echo: each prompt's text, by prompt index
+    ttft: float | None = None  # seconds to the first token, once seen
 
 
 T = TypeVar("T")
@@ -86,12 +88,15 @@ class CompletionService:
 
     # -- preparation --------------------------------------------------------------------------
 
-    async def prepare_chat(self, req: ChatCompletionRequest) -> Prepared:
+    async def prepare_chat(
+        self, req: ChatCompletionRequest, *, user: str | None = None
+    ) -> Prepared:
+        """`user`: the sticky A/B key (the request's `user` field, else the header)."""
         started = time.perf_counter()
         problems = _chat_problems(req)
         if problems:
             raise InvalidRequestError("; ".join(problems), param="messages")
-        target = await self._resolver.resolve(req.model)
+        target = await self._resolver.resolve(req.model, user=user)
         try:
             return await self._prepare_chat(req, target, started)
         except BaseException:
@@ -127,9 +132,11 @@ class CompletionService:
             continuous_usage=_continuous_usage(req),
         )
 
-    async def prepare_completion(self, req: CompletionRequest) -> Prepared:
+    async def prepare_completion(
+        self, req: CompletionRequest, *, user: str | None = None
+    ) -> Prepared:
         started = time.perf_counter()
-        target = await self._resolver.resolve(req.model)
+        target = await self._resolver.resolve(req.model, user=user)
         try:
             return await self._prepare_completion(req, target, started)
         except BaseException:
@@ -257,6 +264,7 @@ class CompletionService:
             if not fired:
                 fired = True
                 elapsed = time.perf_counter() - prepared.started
+                prepared.ttft = elapsed
                 self._metrics.ttft.labels(prepared.target.served_as).observe(elapsed)
 
         return on_first_token
@@ -268,14 +276,20 @@ class CompletionService:
         prepared.ended = True
         prepared.target.done()
         self._metrics.in_flight.dec()
+        seconds = time.perf_counter() - prepared.started
+        generated = sum(r.stats.completion_tokens for r in prepared.requests)
         self._metrics.observe_request(
             model=prepared.target.served_as,
             endpoint=prepared.endpoint,
             status=status,
-            seconds=time.perf_counter() - prepared.started,
+            seconds=seconds,
             prompt_tokens=sum(r.stats.prompt_tokens for r in prepared.requests),
-            generation_tokens=sum(r.stats.completion_tokens for r in prepared.requests),
+            generation_tokens=generated,
         )
+        if prepared.target.on_end is not None and status != 499:  # a client gone: no outcome
+            prepared.target.on_end(
+                RequestOutcome(prepared.response_id, status, seconds, prepared.ttft, generated)
+            )
 
 
 async def _prepend(first: tuple[int, GenerationDelta] | None, rest: Merged) -> Merged:

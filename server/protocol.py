@@ -3,7 +3,7 @@
 Field names, defaults and ranges follow OpenAI's published API description (`null` for a field
 it marks nullable means that field's default); vLLM's extra sampling fields (top_k, min_p,
 repetition_penalty, ignore_eos, ...) are accepted too. Fields a self-hosted text model cannot
-honour and that change nothing in its answer (`store`, `metadata`, `service_tier`, `user`,
+honour and that change nothing in its answer (`store`, `metadata`, `service_tier`,
 `parallel_tool_calls`, `modalities`, `prediction`, ...) are ignored, as vLLM ignores them; a field
 that would change the answer and is not implemented is refused with a 400 naming it. Every list a
 client controls is bounded. Responses are built in `server.openai_service` and `server.streams`.
@@ -79,6 +79,7 @@ class _Sampling(_Request):
     """Fields shared by chat and text completions."""
 
     model: str = Field(min_length=1)
+    user: str | None = None  # OpenAI's end-user id: the sticky key of A/B experiments
     temperature: float = Field(default=1.0, ge=0.0, le=2.0)
     # 0 (OpenAI: only the most likely token) is sent to the engine as a tiny positive value.
     top_p: float = Field(default=1.0, ge=0.0, le=1.0)

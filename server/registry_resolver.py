@@ -33,6 +33,8 @@ from registry.errors import (
 from registry.records import RoutingSnapshot, VersionRecord
 from registry.refs import DEFAULT_ALIAS, AdapterRef, parse_ref
 from registry.store import RegistryStore
+from server.ab.router import ExperimentRouter
+from server.ab.runtime import ABRuntime
 from server.adapter_loader import AdapterLoader
 from server.engine import AdapterHandle
 from server.errors import AdapterUnavailableError, ModelNotFoundError
@@ -93,7 +95,15 @@ class RegistryResolver:
         metrics: ServerMetrics,
         poll_seconds: float = 1.0,
         miss_ttl_seconds: float = 1.0,
+        max_loras: int | None = None,
+        experiments: bool = True,
+        flush_seconds: float = 1.0,
+        analysis_seconds: float = 5.0,
+        feedback_ttl_seconds: float | None = None,
     ):
+        """`experiments`: route bare names through running A/B experiments (and record and
+        analyse them); `max_loras`: adapters the engine batches at once (every arm of an
+        experiment must fit)."""
         self._store = store
         self._loader = loader
         self._local = local
@@ -106,6 +116,21 @@ class RegistryResolver:
         self._misses = _RecentMisses(ttl=miss_ttl_seconds)
         self._poller: asyncio.Task | None = None
         self._db_problem: str | None = None
+        self.experiments: ABRuntime | None = None
+        if experiments:
+            router = ExperimentRouter(
+                loader, record=self._record, max_loras=max_loras or 1 << 30,
+                retry_seconds=poll_seconds,
+            )  # fmt: skip
+            extra = (
+                {}
+                if feedback_ttl_seconds is None
+                else {"feedback_ttl_seconds": feedback_ttl_seconds}
+            )
+            self.experiments = ABRuntime(
+                store.experiments, router, metrics, flush_seconds=flush_seconds,
+                analysis_seconds=analysis_seconds, **extra,
+            )  # fmt: skip
 
     # -- lifecycle ----------------------------------------------------------------------------
 
@@ -115,12 +140,16 @@ class RegistryResolver:
         if self._snapshot is None:
             raise RuntimeError(f"cannot read the registry: {self._db_problem}")
         self._poller = asyncio.create_task(self._poll_forever(), name="registry-poller")
+        if self.experiments is not None:
+            self.experiments.start()
 
     async def close(self) -> None:
         if self._poller is not None:
             self._poller.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._poller
+        if self.experiments is not None:
+            await self.experiments.close()
 
     async def _poll_forever(self) -> None:
         while True:
@@ -138,6 +167,8 @@ class RegistryResolver:
         reasons += [self._pending_reason(key, p) for key, p in pending[:_REASONS_SHOWN]]
         if len(pending) > _REASONS_SHOWN:
             reasons.append(f"and {len(pending) - _REASONS_SHOWN} more aliases waiting to warm")
+        if self.experiments is not None and (waiting := self.experiments.router.degraded):
+            reasons.append(waiting)
         return "; ".join(reasons) or None
 
     def _pending_reason(self, key: AliasKey, pending: _Pending) -> str:
@@ -161,6 +192,8 @@ class RegistryResolver:
         due = [(k, p.version) for k, p in sorted(self._pending.items()) if p.retry_at <= now]
         if due:
             await self._switch(due)
+        if self.experiments is not None:
+            await self.experiments.router.retry_due()
 
     async def _read_snapshot(self) -> RoutingSnapshot | None:
         """The registry's table if it changed since the last read, else None."""
@@ -194,6 +227,8 @@ class RegistryResolver:
             and not (key in self._pending and self._pending[key].retry_at > now)
         ]
         await self._switch(changed)
+        if self.experiments is not None:
+            await self.experiments.router.apply(snapshot.experiments)
         self._metrics.registry_revision.set(snapshot.revision)  # warmed (or pending) by now
 
     async def _switch(self, targets: list[tuple[AliasKey, int]]) -> None:
@@ -235,9 +270,23 @@ class RegistryResolver:
 
     # -- resolution ---------------------------------------------------------------------------
 
-    async def resolve(self, model: str) -> Target:
+    async def resolve(self, model: str, *, user: str | None = None) -> Target:
         if model in self._local.model_names():
             return await self._local.resolve(model)
+        if self.experiments is not None and "@" not in model:  # NAME@V and NAME@alias bypass
+            routed = self.experiments.router.route(model, user)
+            if routed is not None:
+                experiment, assignment = routed
+                record = await self._record(model, assignment.variant.version)
+                handle = await self._loader.acquire(record)
+                return Target(
+                    served_as=record.ref, adapter=handle, release=self._releaser(handle),
+                    assignment=assignment,
+                    on_end=self.experiments.on_end(experiment, assignment),
+                )  # fmt: skip
+            control = self.experiments.router.control_of(model)
+            if control is not None:  # an experiment not applied here yet: its control serves
+                model = f"{model}@{control}"
         record = await self._resolve_record(model)
         handle = await self._loader.acquire(record)
         return Target(served_as=record.ref, adapter=handle, release=self._releaser(handle))
@@ -319,7 +368,9 @@ class RegistryResolver:
         if snapshot is None:
             return names
         aliased = set(self._routes) | set(self._pending)
-        promoted = sorted({n for (n, a) in aliased if a == DEFAULT_ALIAS})
+        promoted = sorted(
+            {n for (n, a) in aliased if a == DEFAULT_ALIAS} | set(snapshot.experiments)
+        )
         pinned = [
             f"{n}@{v}"
             for n, latest in sorted(snapshot.latest.items())

@@ -98,7 +98,9 @@ def build_resolver(settings: ServeSettings, *, engine, metrics):
     )  # fmt: skip
     resolver = RegistryResolver(
         registry.store, loader, local=local, metrics=metrics,
-        poll_seconds=settings.registry_poll_seconds,
+        poll_seconds=settings.registry_poll_seconds, max_loras=settings.max_loras,
+        analysis_seconds=settings.ab_analysis_seconds,
+        feedback_ttl_seconds=settings.feedback_ttl_seconds,
     )  # fmt: skip
     return resolver, registry
 

@@ -47,6 +47,12 @@ class ServeSettings(RegistrySettings):
     log_level: Literal["debug", "info", "warning", "error"] = Field(
         default="warning", description="console detail; info/debug also show vLLM's and torch's"
     )
+    feedback_ttl_seconds: float = Field(
+        default=7 * 86400.0, gt=0, description="how long a completion id stays ratable"
+    )
+    ab_analysis_seconds: float = Field(
+        default=5.0, gt=0, description="period of A/B analysis passes (decisions)"
+    )
     drain_seconds: float = Field(
         default=3.0, ge=0, description="on SIGINT/SIGTERM, how long in-flight requests may finish"
     )

@@ -13,13 +13,16 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from registry.base_model import BaseModel
 from registry.validation import validate_adapter_dir
 from server.engine import AdapterHandle, Engine
 from server.errors import ModelNotFoundError
 from server.metrics import ServerMetrics
+
+if TYPE_CHECKING:
+    from server.ab.assignment import Assignment
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +32,9 @@ class Target:
     served_as: str  # what the response's `model` field says
     adapter: AdapterHandle | None
     release: Callable[[], None] | None = None  # ends the request's lease on the adapter
+    # Inside an A/B experiment: the assignment, and what records how the request ended.
+    assignment: Assignment | None = None
+    on_end: Callable[[Any], None] | None = None
 
     def done(self) -> None:
         if self.release is not None:
@@ -36,8 +42,9 @@ class Target:
 
 
 class ModelResolver(Protocol):
-    async def resolve(self, model: str) -> Target:
-        """Raise `ModelNotFoundError` listing what exists when `model` names nothing."""
+    async def resolve(self, model: str, *, user: str | None = None) -> Target:
+        """Raise `ModelNotFoundError` listing what exists when `model` names nothing. `user`
+        is the sticky A/B key (OpenAI `user`, else header x-loraplex-user)."""
 
     def model_names(self) -> list[str]: ...
 
@@ -98,7 +105,7 @@ class LocalAdapters:
             self._metrics.observe_adapter_load(handle.key, time.perf_counter() - started)
             log.info("adapter %s loaded as engine id %d", handle.key, handle.engine_id)
 
-    async def resolve(self, model: str) -> Target:
+    async def resolve(self, model: str, *, user: str | None = None) -> Target:
         if model == self._base.served_as:
             return self._base
         handle = self._handles.get(model)

@@ -41,6 +41,7 @@ def real_server(
         max_num_seqs=16,
         kv_cache_gib=1,  # small: the suite shares 2 cores and this one engine
         registry_poll_seconds=0.5,
+        ab_analysis_seconds=0.5,
         admin_key=ADMIN_KEY,
     )
     engine = build_engine(settings, model_dir=embedded_model_dir)

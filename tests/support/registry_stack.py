@@ -80,7 +80,9 @@ class RegistryStack:
         cache_bytes: int = 10**9,
         local: dict[str, Path] | None = None,
         poll_seconds: float = 0.1,
+        ab: dict | None = None,
     ) -> None:
+        """`ab`: options of the A/B runtime (flush_seconds, analysis_seconds, ...)."""
         self.registry = registry
         self.engine = engine or SlotEngine(slots=max_loaded)
         self.metrics = ServerMetrics(CollectorRegistry())
@@ -108,14 +110,19 @@ class RegistryStack:
             local=self.local,
             metrics=self.metrics,
             poll_seconds=poll_seconds,
+            max_loras=self.engine.info.max_loras,
+            **{"flush_seconds": 0.2, "analysis_seconds": 0.5, **(ab or {})},
         )
         self.server: ServerThread | None = None
         self.client: openai.OpenAI | None = None
 
     # -- over HTTP ----------------------------------------------------------------------------
 
-    def serve(self) -> RegistryStack:
-        app = create_app(engine=self.engine, resolver=self.resolver, metrics=self.metrics)
+    def serve(self, *, admin_key: str | None = None) -> RegistryStack:
+        app = create_app(
+            engine=self.engine, resolver=self.resolver, metrics=self.metrics,
+            registry=self.registry, admin_key=admin_key,
+        )  # fmt: skip
         self.server = ServerThread(app).start()
         self.server.wait_ready()
         self.client = openai.OpenAI(base_url=f"{self.url}/v1", api_key="x", max_retries=0)
