@@ -222,3 +222,38 @@ def test_an_experiment_that_cannot_keep_every_arm_resident_serves_the_control(
     assert "--max-loras" in stack.ready()["reason"]
     model, variant, _ = _ask(stack, "someone")
     assert (model, variant) == ("support@1", None)  # the control serves
+
+
+def test_admin_experiments_api(tmp_path, registry, make_adapter, stacks):
+    _setup(registry, make_adapter, versions=3)
+    stack = RegistryStack(tmp_path, registry).serve(admin_key=ADMIN)
+    stacks.append(stack)
+    auth = {"Authorization": f"Bearer {ADMIN}"}
+    url = f"{stack.url}/admin/experiments"
+    plan = {"name": "support", "control": 1, "candidate": 2, "ramp": [10, 50]}
+    assert httpx.post(url, json=plan).status_code == 401
+    assert httpx.post(url, json=plan, headers={"Authorization": "Bearer nope"}).status_code == 401
+    bad = httpx.post(url, headers=auth, json={**plan, "candidate": None, "ramp": [60],
+                     "config": {"alpha": 2, "guardrails": {"tokens": 0.1}}})  # fmt: skip
+    assert bad.status_code == 400
+    message = bad.json()["error"]["message"]
+    assert "--candidate" in message and "alpha" in message and "tokens" in message
+    started = httpx.post(url, headers={**auth, "x-loraplex-actor": "ci"}, json=plan)
+    assert started.status_code == 201, started.text
+    exp = started.json()
+    assert exp["created_by"] == "ci" and exp["ramp"] == [10, 50]
+    conflict = httpx.post(url, headers=auth, json={**plan, "candidate": 3})
+    assert conflict.status_code == 409 and "ab stop support" in conflict.json()["error"]["message"]
+    wait_for(lambda: _applied(stack, exp["id"]))
+    _ask(stack, "someone")
+    status = httpx.get(f"{url}/support", headers=auth).json()
+    assert status["experiment"]["id"] == exp["id"] and len(status["variants"]) == 2
+    assert [e["id"] for e in httpx.get(url, headers=auth, params={"running": True}).json()] == [
+        exp["id"]
+    ]
+    wrong = httpx.post(f"{url}/support/stop", headers=auth, json={"promote": 3})
+    assert wrong.status_code == 400 and "not a variant" in wrong.json()["error"]["message"]
+    stopped = httpx.post(f"{url}/support/stop", headers=auth, json={"promote": 2})
+    assert stopped.status_code == 200, stopped.text
+    assert stopped.json()["alias_event"]["to"] == 2 and stopped.json()["status"] == "promoted"
+    assert httpx.get(f"{url}/nothing", headers=auth).status_code == 404
