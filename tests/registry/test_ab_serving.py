@@ -169,7 +169,7 @@ def test_feedback_joins_on_any_replica_and_its_edge_cases(tmp_path, registry, ma
 
 
 @pytest.mark.parametrize("winner", ["candidate", "control"])
-def test_auto_decision_moves_production_and_the_event_carries_the_statistics(
+def test_auto_decision_is_taken_once_across_replicas_and_the_event_carries_the_statistics(
     tmp_path, registry, make_adapter, stacks, winner
 ):
     _setup(registry, make_adapter)
@@ -177,9 +177,9 @@ def test_auto_decision_moves_production_and_the_event_carries_the_statistics(
         registry, auto=True, window_seconds=0.5, dwell_seconds=0, final_dwell_seconds=0,
         min_users_per_arm=15, guardrails={},
     )  # fmt: skip
-    stack = RegistryStack(tmp_path, registry).serve()
-    stacks.append(stack)
-    wait_for(lambda: _applied(stack, exp.id))
+    replicas = [RegistryStack(tmp_path / name, registry).serve() for name in ("a", "b")]
+    stacks += replicas
+    wait_for(lambda: all(_applied(s, exp.id) for s in replicas))
     good = 2 if winner == "candidate" else 1
     i = 0
 
@@ -187,18 +187,31 @@ def test_auto_decision_moves_production_and_the_event_carries_the_statistics(
         nonlocal i
         for _ in range(10):
             i += 1
+            stack = replicas[i % 2]
             model, _, completion = _ask(stack, f"sim-{i}")
             score = 1.0 if model == f"support@{good}" else 0.0
+            rater = replicas[(i // 2) % 2]  # often not the replica that served it
             httpx.post(
-                f"{stack.url}/v1/feedback", json={"completion_id": completion, "score": score}
+                f"{rater.url}/v1/feedback", json={"completion_id": completion, "score": score}
             )
         return not registry.store.experiments.get(exp.id).running
 
     wait_for(ended, timeout=60)
     final = registry.store.experiments.get(exp.id)
     assert final.status == ("promoted" if winner == "candidate" else "rolled_back")
-    event = registry.store.history("support")[-1]
-    assert event.details["experiment"] == exp.id
+    history = registry.store.history("support")
+    decided = [e for e in history if e.details and e.details.get("experiment") == exp.id]
+    assert len(decided) == 1  # two replicas analysed; one acted
+    acted = sum(
+        s.sample(
+            "loraplex_ab_actions_total",
+            {"adapter": "support", "experiment": str(exp.id), "action": a},
+        )  # fmt: skip
+        for s in replicas
+        for a in ("promote", "rollback")
+    )
+    assert acted == 1
+    event = decided[0]
     assert event.details["decision"] == ("promote" if winner == "candidate" else "rollback")
     stats = event.details["statistics"]["comparisons"]["1"]["primary"]
     if winner == "candidate":
@@ -206,8 +219,9 @@ def test_auto_decision_moves_production_and_the_event_carries_the_statistics(
     else:
         assert event.to_version == 1 and stats["upper"] < 0
     assert registry.store.resolve("support").number == good
-    wait_for(lambda: not stack.resolver.experiments.router.applied())
-    assert _ask(stack, "after")[:2] == (f"support@{good}", None)
+    for stack in replicas:
+        wait_for(lambda s=stack: not s.resolver.experiments.router.applied())
+        assert _ask(stack, "after")[:2] == (f"support@{good}", None)
 
 
 def test_an_experiment_that_cannot_keep_every_arm_resident_serves_the_control(
