@@ -66,7 +66,7 @@ def plot_status(status: dict, path: Path) -> Path:
     for name, margin in config["guardrails"].items():
         guard_ax.axhline(margin, linestyle="--", linewidth=0.8, label=f"{name} margin {margin:g}")
     guard_ax.set_ylabel("guardrail bound")
-    guard_ax.set_ylim(-0.2, 1.0)
+    guard_ax.set_ylim(-0.05, 1.05)
     for ax in (cs_ax, guard_ax):
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=7, loc="upper right")
