@@ -220,7 +220,7 @@ def history(
             m.kind,
             f"{m.from_version or '-'} -> {m.to_version}",
             m.actor,
-            m.reason,
+            m.reason + details_suffix(m.details),
         )
         for m in moves
     ]
@@ -252,8 +252,21 @@ def gc(
     emit(report.to_json(), "\n".join(lines), as_json=json_output)
 
 
+def details_suffix(details: Mapping[str, Any] | None) -> str:
+    """` (experiment 3: promote)` for a move an experiment decided; "" for a plain one."""
+    if not details or "experiment" not in details:
+        return ""
+    decision = details.get("decision")
+    if isinstance(decision, Mapping):
+        decision = decision.get("action") or decision.get("outcome")
+    said = decision if isinstance(decision, str) else details.get("status")
+    return f" (experiment {details['experiment']}" + (f": {said})" if said else ")")
+
+
 def describe_move(move: AliasMove) -> str:
     target = f"{move.name}@{move.alias} -> {move.to_version}"
+    if move.kind == "experiment":
+        return f"{target} (kept){details_suffix(move.details)}"
     if not move.changed:
         return f"{target} (unchanged)"
     if move.kind == "rollback":

@@ -7,8 +7,14 @@ RegistryError
 │   ├── NotFoundError
 │   │   ├── AdapterNotFoundError       no adapter of that name
 │   │   ├── VersionNotFoundError       the adapter has no such version
-│   │   └── AliasNotFoundError         the adapter has no such alias
+│   │   ├── AliasNotFoundError         the adapter has no such alias
+│   │   ├── ExperimentNotFoundError    no experiment of that id (or none on that name)
+│   │   └── CompletionNotFoundError    feedback for a completion unknown or too old to rate
 │   ├── NothingToRollBackError         the alias has no earlier version to return to
+│   ├── InvalidExperimentError         an experiment plan or step breaks the rules (.problems)
+│   ├── ExperimentConflictError        the name already has a running experiment
+│   ├── ExperimentNotRunningError      the experiment has already ended
+│   ├── InvalidFeedbackError           a feedback score outside [0, 1]
 │   └── UnknownArtifactSchemeError     an artifact store URL with a scheme nobody handles
 ├── ArtifactError                      moving adapter archives (CLI exit 1)
 │   ├── ArtifactNotFoundError          the store has no archive for that sha256
@@ -64,7 +70,37 @@ class AliasNotFoundError(NotFoundError):
     pass
 
 
+class ExperimentNotFoundError(NotFoundError):
+    pass
+
+
+class CompletionNotFoundError(NotFoundError):
+    pass
+
+
 class NothingToRollBackError(RegistryUserError):
+    pass
+
+
+class InvalidExperimentError(RegistryUserError):
+    """An experiment's plan (variants, ramp, config) or a step change breaks the rules."""
+
+    def __init__(self, problems: Sequence[str]) -> None:
+        self.problems = list(problems)
+        count = len(self.problems)
+        noun = "problem" if count == 1 else "problems"
+        super().__init__(f"invalid experiment ({count} {noun}): " + "; ".join(self.problems))
+
+
+class ExperimentConflictError(RegistryUserError):
+    """Only one experiment per adapter name runs at a time."""
+
+
+class ExperimentNotRunningError(RegistryUserError):
+    pass
+
+
+class InvalidFeedbackError(RegistryUserError):
     pass
 
 

@@ -1,18 +1,35 @@
 """Read queries on the metadata store, each given an open session: resolve references, list,
-history and the routing snapshot. They return frozen records (records.py) and raise
-*NotFoundError with a message that says what exists and how to get what was asked for.
+history, the routing snapshot and experiment lookups. They return frozen records (records.py,
+experiment_records.py) and raise *NotFoundError with a message that says what exists and how to
+get what was asked for.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
+from sqlalchemy import func
 from sqlmodel import Session, select
 
-from registry.errors import AdapterNotFoundError, AliasNotFoundError, VersionNotFoundError
+from registry.errors import (
+    AdapterNotFoundError,
+    AliasNotFoundError,
+    ExperimentNotFoundError,
+    VersionNotFoundError,
+)
+from registry.experiment_records import ExperimentEvent, ExperimentRecord, Variant
 from registry.records import AdapterSummary, AliasMove, RoutingSnapshot, VersionRecord
 from registry.refs import DEFAULT_ALIAS, AdapterRef, check_alias, parse_ref
-from registry.tables import AdapterRow, AliasEventRow, AliasRow, RegistryStateRow, VersionRow
+from registry.tables import (
+    AdapterRow,
+    AliasEventRow,
+    AliasRow,
+    ExperimentEventRow,
+    ExperimentRow,
+    ExperimentUserRow,
+    RegistryStateRow,
+    VersionRow,
+)
 
 _MAX_NAMES_IN_MESSAGE = 20
 
@@ -91,11 +108,17 @@ def routing_snapshot(session: Session) -> RoutingSnapshot:
         .join(AdapterRow, AdapterRow.id == VersionRow.adapter_id)
         .order_by(VersionRow.number)
     ).all()
+    running = session.exec(
+        select(ExperimentRow, AdapterRow.name)
+        .join(AdapterRow, AdapterRow.id == ExperimentRow.adapter_id)
+        .where(ExperimentRow.running_adapter_id.is_not(None))
+    ).all()
     return RoutingSnapshot(
         revision=state.revision,
         changed_at=state.changed_at,
         aliases={(name, alias): version for alias, version, name in names},
         latest=dict(latest),
+        experiments={name: experiment_record(name, row) for row, name in running},
     )
 
 
@@ -193,6 +216,124 @@ def alias_move(name: str, row: AliasEventRow) -> AliasMove:
         to_version=row.to_version,
         actor=row.actor,
         reason=row.reason,
+        at=row.at,
+        # An "experiment" entry records an outcome without moving the alias.
+        changed=row.from_version != row.to_version,
+        details=dict(row.details) if row.details is not None else None,
+    )
+
+
+# --- experiments ------------------------------------------------------------------------------
+
+
+def experiment_record(name: str, row: ExperimentRow) -> ExperimentRecord:
+    return ExperimentRecord(
+        id=row.id,
+        name=name,
+        status=row.status,
+        salt=row.salt,
+        hash_version=row.hash_version,
+        variants=tuple(Variant(**v) for v in row.variants),
+        ramp=tuple(row.ramp) if row.ramp is not None else None,
+        step=row.step,
+        step_started_at=row.step_started_at,
+        config=dict(row.config),
+        analysis=dict(row.analysis),
+        decision=dict(row.decision),
+        analysed_at=row.analysed_at,
+        created_at=row.created_at,
+        created_by=row.created_by,
+        ended_at=row.ended_at,
+        ended_by=row.ended_by,
+        end_reason=row.end_reason,
+    )
+
+
+def get_experiment(session: Session, experiment_id: int) -> ExperimentRecord:
+    found = session.exec(
+        select(ExperimentRow, AdapterRow.name)
+        .join(AdapterRow, AdapterRow.id == ExperimentRow.adapter_id)
+        .where(ExperimentRow.id == experiment_id)
+    ).first()
+    if found is None:
+        raise experiment_not_found(session, experiment_id)
+    row, name = found
+    return experiment_record(name, row)
+
+
+def list_experiments(
+    session: Session, *, name: str | None = None, running_only: bool = False
+) -> list[ExperimentRecord]:
+    """Experiments oldest first, of every name or one (AdapterNotFoundError if it is unknown)."""
+    query = select(ExperimentRow, AdapterRow.name).join(
+        AdapterRow, AdapterRow.id == ExperimentRow.adapter_id
+    )
+    if name is not None:
+        query = query.where(ExperimentRow.adapter_id == get_adapter_row(session, name).id)
+    if running_only:
+        query = query.where(ExperimentRow.running_adapter_id.is_not(None))
+    return [experiment_record(n, row) for row, n in session.exec(query.order_by(ExperimentRow.id))]
+
+
+def find_running_experiment(session: Session, adapter: AdapterRow) -> ExperimentRow | None:
+    return session.exec(
+        select(ExperimentRow).where(ExperimentRow.running_adapter_id == adapter.id)
+    ).first()
+
+
+def experiment_not_found(session: Session, experiment_id: int) -> ExperimentNotFoundError:
+    ids = list(session.exec(select(ExperimentRow.id).order_by(ExperimentRow.id)))
+    known = f"experiments: {format_versions(ids)}" if ids else "no experiment has been started"
+    return ExperimentNotFoundError(
+        f"no experiment {experiment_id}; {known}. Start one: "
+        "loraplex ab start NAME --control VERSION --candidate VERSION"
+    )
+
+
+def no_experiments(name: str) -> ExperimentNotFoundError:
+    return ExperimentNotFoundError(
+        f"{name} has no experiments; start one: "
+        f"loraplex ab start {name} --control VERSION --candidate VERSION"
+    )
+
+
+def require_versions(session: Session, adapter: AdapterRow, wanted: Sequence[int]) -> None:
+    numbers = version_numbers(session, adapter)
+    missing = [v for v in wanted if v not in numbers]
+    if missing:
+        noun = "version" if len(missing) == 1 else "versions"
+        raise VersionNotFoundError(
+            f"{adapter.name} has no {noun} {', '.join(map(str, missing))}; "
+            f"versions: {format_versions(numbers)}"
+        )
+
+
+def require_experiments(session: Session, ids: set[int]) -> None:
+    found = set(session.exec(select(ExperimentRow.id).where(ExperimentRow.id.in_(ids))).all())
+    for missing in sorted(ids - found):
+        raise experiment_not_found(session, missing)
+
+
+def exposure_counts(session: Session, experiment: ExperimentRecord) -> dict[int, int]:
+    counts = dict(
+        session.exec(
+            select(ExperimentUserRow.variant, func.count())
+            .where(ExperimentUserRow.experiment_id == experiment.id)
+            .group_by(ExperimentUserRow.variant)
+        ).all()
+    )
+    return {v.index: counts.get(v.index, 0) for v in experiment.variants}
+
+
+def event_record(row: ExperimentEventRow) -> ExperimentEvent:
+    return ExperimentEvent(
+        id=row.id,
+        experiment_id=row.experiment_id,
+        kind=row.kind,
+        step=row.step,
+        actor=row.actor,
+        reason=row.reason,
+        details=dict(row.details),
         at=row.at,
     )
 

@@ -9,6 +9,8 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
+from registry.experiment_records import ExperimentRecord
+
 
 @dataclass(frozen=True, slots=True)
 class VersionRecord:
@@ -51,7 +53,11 @@ class VersionRecord:
 
 @dataclass(frozen=True, slots=True)
 class AliasMove:
-    """One entry of the alias-event log: `kind` is "promote" or "rollback"."""
+    """One entry of the alias-event log: `kind` is "promote", "rollback" or "experiment".
+
+    An "experiment" entry records an experiment's outcome where the alias did not move
+    (from = to); `details` says which experiment decided what (None for plain moves).
+    """
 
     name: str
     alias: str
@@ -62,6 +68,7 @@ class AliasMove:
     reason: str
     at: datetime
     changed: bool = True
+    details: Mapping[str, Any] | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -74,6 +81,7 @@ class AliasMove:
             "reason": self.reason,
             "at": self.at.isoformat(),
             "changed": self.changed,
+            "details": dict(self.details) if self.details is not None else None,
         }
 
 
@@ -104,7 +112,8 @@ class AdapterSummary:
 
 @dataclass(frozen=True, slots=True)
 class RoutingSnapshot:
-    """Every alias and the newest version of every name, as of `revision`.
+    """Every alias, the newest version of every name and the running experiments (by adapter
+    name), as of `revision`.
 
     `revision` grows with each committed registry change; a poller that sees the same revision
     twice can skip the rest. The revision is read before the rows, so the rows are never older
@@ -115,6 +124,7 @@ class RoutingSnapshot:
     changed_at: datetime
     aliases: Mapping[tuple[str, str], int]
     latest: Mapping[str, int]
+    experiments: Mapping[str, ExperimentRecord] = field(default_factory=dict)
 
     def find_alias(self, name: str, alias: str) -> int | None:
         return self.aliases.get((name, alias))
@@ -128,4 +138,7 @@ class RoutingSnapshot:
             "changed_at": self.changed_at.isoformat(),
             "aliases": aliases,
             "latest": dict(sorted(self.latest.items())),
+            "experiments": {
+                name: record.to_json() for name, record in sorted(self.experiments.items())
+            },
         }

@@ -1,4 +1,5 @@
-"""The metadata store: adapters, versions, aliases and alias events in SQL (SQLite or PostgreSQL).
+"""The metadata store: adapters, versions, aliases and alias events in SQL (SQLite or PostgreSQL);
+experiments live in registry.experiments, reached as `RegistryStore.experiments`.
 
 Each write is one transaction that first locks the adapter's row (SELECT ... FOR UPDATE on
 PostgreSQL, BEGIN IMMEDIATE on SQLite), so version numbers never collide and alias moves
@@ -9,11 +10,12 @@ RegistryUnavailableError, never as a driver exception.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from functools import cached_property
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import Engine, func, update
 from sqlalchemy.dialects.postgresql import insert as postgresql_insert
@@ -42,7 +44,12 @@ from registry.tables import (
     utc_now,
 )
 
+if TYPE_CHECKING:
+    from registry.experiments import ExperimentStore
+
 PROMOTE, ROLLBACK = "promote", "rollback"
+# An experiment's outcome where the alias stays put (from = to): history, not a move.
+EXPERIMENT = "experiment"
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,13 +85,22 @@ class RegistryStore:
     def close(self) -> None:
         self.engine.dispose()
 
+    @cached_property
+    def experiments(self) -> ExperimentStore:
+        """A/B experiments on the same database."""
+        # Imported here: registry.experiments builds on this module.
+        from registry.experiments import ExperimentStore
+
+        return ExperimentStore(self.engine, sessions=self)
+
     @contextmanager
     def read(self) -> Iterator[Session]:
         with database_errors(self._where), Session(self.engine, expire_on_commit=False) as session:
             yield session
 
     @contextmanager
-    def _write(self) -> Iterator[Session]:
+    def write(self) -> Iterator[Session]:
+        """One write transaction (on SQLite it takes the write lock at BEGIN)."""
         with (
             database_errors(self._where),
             Session(self._write_engine, expire_on_commit=False) as session,
@@ -146,7 +162,7 @@ class RegistryStore:
         """Record the next version of `name` (creating the name, whose base it fixes)."""
         check_name(name)
         check_actor(actor)
-        with self._write() as session:
+        with self.write() as session:
             adapter = self._ensure_adapter(session, name, base_model=spec.base_model, actor=actor)
             same = {adapter.base_model, spec.base_model} <= spec.same_base
             if adapter.base_model != spec.base_model and not same:
@@ -172,7 +188,7 @@ class RegistryStore:
             )
             session.add(row)
             session.flush()
-            _bump_revision(session, at=row.created_at)
+            bump_revision(session, at=row.created_at)
             return version_record(name, row)
 
     def promote(
@@ -182,7 +198,7 @@ class RegistryStore:
         check_version(version)
         check_alias(alias)
         check_actor(actor)
-        with self._write() as session:
+        with self.write() as session:
             adapter = self._lock_adapter(session, name)
             require_version(session, adapter, version)
             current = session.get(AliasRow, (adapter.id, alias))
@@ -198,7 +214,7 @@ class RegistryStore:
                     at=utc_now(),
                     changed=False,
                 )
-            return _move_alias(
+            return move_alias(
                 session, adapter, alias=alias, to=version, kind=PROMOTE, actor=actor, reason=reason
             )
 
@@ -212,7 +228,7 @@ class RegistryStore:
         """
         check_alias(alias)
         check_actor(actor)
-        with self._write() as session:
+        with self.write() as session:
             adapter = self._lock_adapter(session, name)
             events = session.exec(
                 select(AliasEventRow)
@@ -222,7 +238,7 @@ class RegistryStore:
             stack = effective_history(events)
             if len(stack) < 2:
                 raise NothingToRollBackError(_nothing_to_roll_back(name, alias, stack))
-            return _move_alias(
+            return move_alias(
                 session,
                 adapter,
                 alias=alias,
@@ -244,19 +260,27 @@ class RegistryStore:
         return self._lock_adapter(session, name)
 
     def _lock_adapter(self, session: Session, name: str) -> AdapterRow:
-        check_name(name)
-        row = session.exec(
-            select(AdapterRow).where(AdapterRow.name == name).with_for_update()
-        ).first()
-        if row is None:
-            raise adapter_not_found(session, name)
-        return row
+        return lock_adapter(session, name)
+
+
+def lock_adapter(session: Session, name: str) -> AdapterRow:
+    """The adapter's row, locked until the transaction ends (every alias move takes it)."""
+    check_name(name)
+    row = session.exec(select(AdapterRow).where(AdapterRow.name == name).with_for_update()).first()
+    if row is None:
+        raise adapter_not_found(session, name)
+    return row
 
 
 def effective_history(events: list[AliasEventRow]) -> list[int]:
-    """Versions the alias held, oldest first, with rolled-back promotions removed."""
+    """Versions the alias held, oldest first, with rolled-back promotions removed.
+
+    "experiment" entries record an outcome without a move, so they are not part of it.
+    """
     stack: list[int] = []
     for event in events:
+        if event.kind == EXPERIMENT:
+            continue
         if event.kind == ROLLBACK and stack:
             stack.pop()
         else:
@@ -271,7 +295,7 @@ def base_mismatch(name: str, *, declared: str, expected: str) -> str:
     )
 
 
-def _move_alias(
+def move_alias(
     session: Session,
     adapter: AdapterRow,
     *,
@@ -280,13 +304,18 @@ def _move_alias(
     kind: str,
     actor: str,
     reason: str,
+    details: Mapping[str, Any] | None = None,
 ) -> AliasMove:
+    """Point the alias at `to` (the adapter row locked), log it and bump the revision.
+
+    kind "experiment" (to = the current version) logs an outcome without moving anything.
+    """
     now = utc_now()
     row = session.get(AliasRow, (adapter.id, alias))
     previous = row.version if row is not None else None
     if row is None:
         row = AliasRow(adapter_id=adapter.id, alias=alias, version=to, updated_at=now)
-    else:
+    elif row.version != to:
         row.version, row.updated_at = to, now
     session.add(row)
     event = AliasEventRow(
@@ -298,13 +327,14 @@ def _move_alias(
         actor=actor,
         reason=reason,
         at=now,
+        details=dict(details) if details is not None else None,
     )
     session.add(event)
-    _bump_revision(session, at=now)
+    bump_revision(session, at=now)
     return alias_move(adapter.name, event)
 
 
-def _bump_revision(session: Session, *, at: datetime) -> None:
+def bump_revision(session: Session, *, at: datetime) -> None:
     session.execute(
         update(RegistryStateRow)
         .where(RegistryStateRow.id == 1)

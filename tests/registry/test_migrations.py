@@ -1,5 +1,6 @@
 """Schema migrations run in code on open: a fresh database is created at the newest revision,
-an existing one is kept, a newer one is refused, and the migrations match the table classes."""
+an existing one is kept (and upgraded with its data), a newer one is refused, and the
+migrations match the table classes."""
 
 from __future__ import annotations
 
@@ -11,13 +12,33 @@ from alembic.script import ScriptDirectory
 from sqlalchemy import inspect, text
 from sqlmodel import SQLModel
 
-from registry.db import MIGRATIONS_DIR, SCHEMA_HEAD, current_revision, open_engine
+from registry.db import (
+    MIGRATIONS_DIR,
+    SCHEMA_HEAD,
+    create_registry_engine,
+    current_revision,
+    open_engine,
+    upgrade_schema,
+)
 from registry.errors import RegistryDatabaseError
+from registry.experiment_records import VariantSpec
 from registry.service import Registry
 from registry.settings import RegistrySettings
 from registry.store import RegistryStore
 
-TABLES = {"adapters", "adapter_versions", "aliases", "alias_events", "registry_state"}
+TABLES = {
+    "adapters",
+    "adapter_versions",
+    "aliases",
+    "alias_events",
+    "registry_state",
+    "experiments",
+    "experiment_events",
+    "experiment_users",
+    "experiment_counters",
+    "experiment_completions",
+    "experiment_replicas",
+}
 
 
 def test_schema_head_is_the_newest_migration():
@@ -64,8 +85,78 @@ def test_a_database_from_a_newer_release_is_refused(database_url):
     with engine.begin() as conn:
         conn.execute(text("UPDATE alembic_version SET version_num = '9999'"))
     engine.dispose()
-    with pytest.raises(RegistryDatabaseError, match="knows schema up to 0001"):
+    with pytest.raises(RegistryDatabaseError, match=f"knows schema up to {SCHEMA_HEAD}"):
         open_engine(database_url)
+
+
+def _fill_the_first_schema(database_url: str) -> None:
+    """A database at revision 0001 with a name, two versions and two alias moves, written in
+    SQL (the table classes already describe the newer schema)."""
+    engine = create_registry_engine(database_url)
+    try:
+        upgrade_schema(engine, revision="0001")
+        version = (
+            "INSERT INTO adapter_versions (id, adapter_id, number, sha256, size_bytes, base_model,"
+            " rank, alpha, target_modules, tags, lineage, created_at, created_by) VALUES"
+            " (:id, 1, :id, :sha, 10, 'base', 8, 16.0, '[\"q_proj\"]', '{}', '{}', :at, 'ana')"
+        )
+        event = (
+            "INSERT INTO alias_events (adapter_id, alias, kind, from_version, to_version, actor,"
+            " reason, at) VALUES (1, 'production', 'promote', :old, :new, 'ana', :why, :at)"
+        )
+        at = "2026-11-30 10:00:00+00:00"
+        with engine.begin() as conn:
+            conn.execute(
+                text(
+                    "INSERT INTO adapters (id, name, base_model, created_at, created_by)"
+                    " VALUES (1, 'old', 'base', :at, 'ana')"
+                ),
+                {"at": at},
+            )
+            for number in (1, 2):
+                conn.execute(text(version), {"id": number, "sha": str(number) * 64, "at": at})
+            conn.execute(
+                text(
+                    "INSERT INTO aliases (adapter_id, alias, version, updated_at)"
+                    " VALUES (1, 'production', 2, :at)"
+                ),
+                {"at": at},
+            )
+            conn.execute(text(event), {"old": None, "new": 1, "why": "first", "at": at})
+            conn.execute(text(event), {"old": 1, "new": 2, "why": "second", "at": at})
+            conn.execute(text("UPDATE registry_state SET revision = 5"))
+        assert current_revision(engine) == "0001"
+    finally:
+        engine.dispose()
+
+
+def test_upgrading_from_the_first_schema_keeps_the_data(database_url):
+    _fill_the_first_schema(database_url)
+    store = RegistryStore.open(database_url)
+    try:
+        assert current_revision(store.engine) == SCHEMA_HEAD
+        assert store.revision() == 5
+        assert store.resolve("old").number == 2
+        moves = store.history("old")
+        assert [(m.from_version, m.to_version, m.reason) for m in moves] == [
+            (None, 1, "first"),
+            (1, 2, "second"),
+        ]
+        assert [m.details for m in moves] == [None, None]
+        started = store.experiments.start(
+            "old",
+            variants=[VariantSpec(2, 1.0), VariantSpec(1, 1.0)],
+            ramp=None,
+            config={},
+            actor="bo",
+        )
+        _, move = store.experiments.end(
+            started.id, status="rolled_back", actor="bo", reason="r", details={}, to_version=1
+        )
+        assert store.history("old")[-1].details["experiment"] == started.id
+        assert store.rollback("old", actor="bo").to_version == 2
+    finally:
+        store.close()
 
 
 def test_the_default_database_lives_in_the_data_dir(tmp_path):
