@@ -275,6 +275,17 @@ class Analysis:
             self.history = self.history[:half:2] + self.history[half:]
 
 
+def finite(value: Any) -> Any:
+    """`value` with non-finite floats as None: JSON columns (PostgreSQL's) refuse NaN and inf."""
+    if isinstance(value, float):
+        return value if np.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [finite(v) for v in value]
+    return value
+
+
 def _cs_json(cs: DifferenceCS) -> dict[str, float]:
     return {
         "estimate": cs.estimate,
@@ -324,7 +335,7 @@ def _analyse(tx: AnalysisTx, now: datetime, *, actor: str) -> PassResult:
     analysis.look_at_ratio(tx.exposure_counts())
     decision = analysis.decide(now)
     analysis.remember(now)
-    statistics = analysis.statistics()
+    statistics = finite(analysis.statistics())
     record = {**decision.to_json(), "at": now.isoformat(), "statistics": statistics}
     tx.save(analysis=analysis.to_state(), decision=record)
     acted = _act(tx, experiment, config, decision, statistics, actor=actor)

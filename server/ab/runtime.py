@@ -66,6 +66,7 @@ class ABRuntime:
     # -- lifecycle ----------------------------------------------------------------------------
 
     def start(self) -> None:
+        self._last_purge = time.monotonic()  # the first purge after a period, not at startup
         self.recorder.start()
         if self._task is None:
             self._task = asyncio.create_task(self._loop(), name="ab-analysis")
