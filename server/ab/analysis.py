@@ -22,9 +22,9 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import numpy as np
-from registry.experiments import AnalysisTx, ExperimentStore
 
 from registry.experiment_records import ExperimentRecord, UserOutcome
+from registry.experiments import AnalysisTx, ExperimentStore
 from server.ab.assignment import propensity, treatment_share
 from server.ab.config import ExperimentConfig
 from server.ab.decision import (

@@ -17,10 +17,9 @@ import time
 import uuid
 from datetime import UTC, datetime, timedelta
 
-from registry.experiments import ExperimentStore
-
 from registry.errors import NotFoundError
 from registry.experiment_records import ExperimentRecord, Rating
+from registry.experiments import ExperimentStore
 from server.ab.analysis import analyse
 from server.ab.assignment import Assignment
 from server.ab.recorder import ExperimentRecorder, RequestOutcome
