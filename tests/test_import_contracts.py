@@ -3,6 +3,7 @@ inside functions too (a lazy import of vLLM from the registry is still a depende
 
 - `registry` imports nothing of `server`, `loadtest`, `trainer` or `bench`, and no FastAPI or torch.
 - `loadtest` imports no package of ours (it speaks HTTP only).
+- `trainer` imports `registry` (and the root's dtype choice), never `server` (it speaks HTTP to one).
 - `loraplex` (the root) mounts the CLIs; apart from that it imports nothing heavy.
 - vLLM only in the engine module and the plugin modules vLLM loads in its own processes;
   torch / transformers / peft / trl only there, in the one-time model conversion and in `trainer`.
@@ -62,6 +63,12 @@ def test_imports_of_sees_lazy_imports(tmp_path: Path) -> None:
 def test_registry_depends_on_no_server_and_nothing_heavy() -> None:
     forbidden = (OURS - {"registry"}) | HEAVY | {"vllm", "fastapi", "starlette", "uvicorn"}
     assert violations("registry", forbidden) == []
+
+
+def test_trainer_depends_on_the_registry_only() -> None:
+    """The trainer talks to a server (the agreement gate, evaluation) over HTTP only."""
+    forbidden = (OURS - {"trainer", "registry", "loraplex"}) | {"vllm", "fastapi", "uvicorn"}
+    assert violations("trainer", forbidden) == []
 
 
 def test_loadtest_imports_no_package_of_ours() -> None:
