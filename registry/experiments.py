@@ -15,7 +15,7 @@ import json
 import secrets
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict
+from dataclasses import asdict, fields
 from datetime import datetime, timedelta
 from typing import Any, TypeVar
 
@@ -272,9 +272,9 @@ class ExperimentStore:
         completions: Sequence[CompletionDelta],
     ) -> None:
         """Add one flush's deltas, in one transaction of a few executemany batches."""
-        user_rows = [asdict(u) | _NEW_USER for u in merge_users(users)]
-        counter_rows = [asdict(c) | _NEW_COUNTER for c in merge_counters(counters)]
-        completion_rows = [asdict(c) for c in merge_completions(completions)]
+        user_rows = [_row(u) | _NEW_USER for u in merge_users(users)]
+        counter_rows = [_row(c) | _NEW_COUNTER for c in merge_counters(counters)]
+        completion_rows = [_row(c) for c in merge_completions(completions)]
         ids = {r["experiment_id"] for r in (*user_rows, *counter_rows, *completion_rows)}
         if not ids:
             return
@@ -682,3 +682,14 @@ def _not_running(name: str, row: ExperimentRow) -> ExperimentNotRunningError:
 
 def _is_number(value: object) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool) and value == value
+
+
+def _row(delta: Any) -> dict[str, Any]:
+    """A flat delta as a row dict: `dataclasses.asdict` deep-copies and costs ~40 % of a flush."""
+    names = _FIELDS.get(type(delta))
+    if names is None:
+        names = _FIELDS[type(delta)] = tuple(f.name for f in fields(delta))
+    return {name: getattr(delta, name) for name in names}
+
+
+_FIELDS: dict[type, tuple[str, ...]] = {}

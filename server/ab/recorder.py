@@ -19,14 +19,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
-from registry.experiments import ExperimentStore
-
 from registry.experiment_records import (
     CompletionDelta,
     CounterDelta,
     ExperimentRecord,
     UserDelta,
 )
+from registry.experiments import ExperimentStore
 from server.ab.assignment import Assignment
 from server.metrics import ServerMetrics
 
@@ -126,6 +125,8 @@ class ExperimentRecorder:
         self._batch = _Batch.empty()
         self._pending_ids: set[str] = set()  # completion ids not yet written
         self._flush_lock = asyncio.Lock()
+        self._writing: set[asyncio.Future] = set()
+        self._stopping = asyncio.Event()
         self._task: asyncio.Task | None = None
         self.recorded = 0  # requests written to the database, for benchmarks and tests
 
@@ -195,48 +196,65 @@ class ExperimentRecorder:
 
     async def flush(self) -> int:
         """Write what is buffered; returns the number of requests written. On failure the batch
-        goes back into the buffer (written with the next flush) and the error propagates."""
+        goes back into the buffer (written with the next flush) and the error propagates.
+
+        The write runs to its end even if the caller is cancelled (a server shutting down): a
+        write that may have committed is never put back, so nothing is counted twice."""
         async with self._flush_lock:
             batch, self._batch = self._batch, _Batch.empty()
             if not len(batch):
                 return 0
-            requests = sum(c.requests for c in batch.counters.values())
-            try:
-                await asyncio.to_thread(
+            write = asyncio.ensure_future(
+                asyncio.to_thread(
                     self._store.record,
                     users=_user_deltas(batch), counters=_counter_deltas(batch),
                     completions=batch.completions,
                 )  # fmt: skip
-            except BaseException:
-                self._batch.absorb(batch)
-                self._trim()
-                self._metrics.ab_flush_errors.inc()
-                raise
-            self._pending_ids.difference_update(c.completion_id for c in batch.completions)
-            self.recorded += requests
-            self._metrics.ab_records.inc(requests)
-            return requests
+            )
+            self._writing.add(write)
+            write.add_done_callback(lambda done: self._written(batch, done))
+            await asyncio.shield(write)
+            return sum(c.requests for c in batch.counters.values())
+
+    def _written(self, batch: _Batch, write: asyncio.Future) -> None:
+        """When a write ends: count it, or put its batch back to go with the next one."""
+        self._writing.discard(write)
+        if write.cancelled() or write.exception() is not None:
+            self._batch.absorb(batch)
+            self._trim()
+            self._metrics.ab_flush_errors.inc()
+            return
+        requests = sum(c.requests for c in batch.counters.values())
+        self._pending_ids.difference_update(c.completion_id for c in batch.completions)
+        self.recorded += requests
+        self._metrics.ab_records.inc(requests)
 
     async def run(self) -> None:
-        """Flush about every `flush_seconds` until cancelled."""
-        while True:
+        """Flush about every `flush_seconds` until `close()`."""
+        while not self._stopping.is_set():
             started = time.monotonic()
             try:
                 await self.flush()
             except Exception as e:  # kept in the buffer; the next flush retries
                 log.warning("cannot record experiment data (kept for the next try): %s", e)
-            await asyncio.sleep(max(0.0, self._flush_seconds - (time.monotonic() - started)))
+            wait = max(0.0, self._flush_seconds - (time.monotonic() - started))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), timeout=wait)
 
     def start(self) -> None:
         if self._task is None:
+            self._stopping.clear()
             self._task = asyncio.create_task(self.run(), name="ab-recorder")
 
     async def close(self) -> None:
+        """Stop the flush loop after its current write, then write what is left."""
+        self._stopping.set()
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
+            with contextlib.suppress(Exception):
                 await self._task
             self._task = None
+        if self._writing:  # a write a cancelled caller left running
+            await asyncio.wait(list(self._writing))
         try:
             await self.flush()  # what the last second served
         except Exception as e:
