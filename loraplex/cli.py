@@ -8,6 +8,7 @@ from loadtest import cli as loadtest_cli
 from registry import cli as registry_cli
 from server import cli as server_cli
 from server.ab import cli as ab_cli
+from trainer import cli as trainer_cli
 
 app = typer.Typer(
     help="loraplex: serve, version and test many LoRA adapters on one base model.",
@@ -18,6 +19,7 @@ app.command("serve")(server_cli.serve)
 app.add_typer(server_cli.model_app, name="model")
 app.add_typer(registry_cli.app, name="registry")
 app.add_typer(ab_cli.app, name="ab")
+app.add_typer(trainer_cli.data_app, name="data")
 app.command("loadtest")(loadtest_cli.loadtest)
 
 
