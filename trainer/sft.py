@@ -1,0 +1,417 @@
+"""Supervised fine-tuning of a LoRA (or QLoRA) adapter with TRL's SFTTrainer and peft.
+
+Owns the hyperparameters, the assistant-only tokenization (rendered with the model's own chat
+template, as the server renders prompts), the trainer wiring (evaluation, early stopping, best
+checkpoint, resumable checkpoints) and the run's outputs, written by `trainer.outputs`. Reading
+and validating data files is `trainer.data`'s; putting the result into the registry is the
+CLI's (`trainer.train_cli.register_result`). torch & co. are imported inside functions only.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from loraplex.hardware import DTYPES, choose_dtype
+from registry.base_model import BaseModel
+from trainer import outputs
+from trainer.outputs import TrainingError
+
+IGNORE_INDEX = -100  # labels the loss skips (torch's cross_entropy default)
+SCHEDULES = ("cosine", "linear", "constant")
+METHODS = ("lora", "qlora")
+QLORA_UNAVAILABLE = "QLoRA needs an NVIDIA GPU with bitsandbytes"
+
+Progress = Callable[[dict[str, Any]], None]
+__all__ = [
+    "LoraSettings",
+    "SFTSettings",
+    "TrainResult",
+    "TrainingError",
+    "encode_chat",
+    "train_sft",
+]
+
+
+@dataclass(frozen=True)
+class LoraSettings:
+    rank: int = 16
+    alpha: float = 32.0
+    dropout: float = 0.05
+    target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
+
+    def problems(self) -> list[str]:
+        found = []
+        if self.rank < 1:
+            found.append(f"rank must be at least 1, got {self.rank}")
+        if self.alpha <= 0:
+            found.append(f"alpha must be positive, got {self.alpha}")
+        if not 0 <= self.dropout < 1:
+            found.append(f"dropout must be in [0, 1), got {self.dropout}")
+        if not self.target_modules or not all(m.strip() for m in self.target_modules):
+            found.append("target modules must be a non-empty list of module names")
+        return found
+
+
+@dataclass(frozen=True)
+class SFTSettings:
+    """Every hyperparameter of a run; recorded in the manifest and checked again on --resume."""
+
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    lr: float = 2e-4
+    schedule: str = "cosine"
+    epochs: float = 3.0
+    max_steps: int | None = None  # overrides epochs
+    batch_size: int = 4
+    grad_accum: int = 1
+    max_seq_len: int = 1024
+    seed: int = 0
+    packing: bool = False
+    warmup_ratio: float = 0.03
+    eval_every: int | None = None  # steps; default once per epoch
+    early_stopping_patience: int | None = None  # evaluations without improvement
+    save_every: int | None = None  # steps; default at every evaluation (else once per epoch)
+    method: str = "lora"
+    dtype: str = "auto"
+
+    def __post_init__(self) -> None:
+        problems = self.lora.problems() + self._own_problems()
+        if problems:
+            raise ValueError("invalid training settings: " + "; ".join(problems))
+
+    def _own_problems(self) -> list[str]:
+        found = []
+        positive = {"batch size": self.batch_size, "gradient accumulation": self.grad_accum}
+        optional = {"max steps": self.max_steps, "eval every": self.eval_every,
+                    "save every": self.save_every, "early stopping": self.early_stopping_patience}  # fmt: skip
+        for label, value in positive.items():
+            if value < 1:
+                found.append(f"{label} must be at least 1, got {value}")
+        for label, value in optional.items():
+            if value is not None and value < 1:
+                found.append(f"{label} must be at least 1 when given, got {value}")
+        if not self.lr > 0:
+            found.append(f"learning rate must be positive, got {self.lr}")
+        if self.schedule not in SCHEDULES:
+            found.append(f"schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
+        if self.max_steps is None and not self.epochs > 0:
+            found.append(f"epochs must be positive, got {self.epochs}")
+        if self.max_seq_len < 8:
+            found.append(f"max sequence length must be at least 8, got {self.max_seq_len}")
+        if not 0 <= self.warmup_ratio < 1:
+            found.append(f"warmup ratio must be in [0, 1), got {self.warmup_ratio}")
+        if self.method not in METHODS:
+            found.append(f"method must be one of {', '.join(METHODS)}, got {self.method!r}")
+        if self.dtype not in DTYPES:
+            found.append(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        every = self.eval_every or 0
+        if self.save_every and every and self.save_every % every:
+            found.append(
+                f"save every ({self.save_every}) must be a multiple of eval every ({every}), "
+                "so that the best checkpoint is kept"
+            )
+        return found
+
+    def to_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["lora"]["target_modules"] = list(self.lora.target_modules)
+        return data
+
+
+@dataclass
+class TrainResult:
+    adapter_dir: Path
+    metrics_path: Path
+    plot_path: Path
+    manifest_path: Path
+    manifest: dict[str, Any]
+    best_val_loss: float | None
+    final_val_loss: float | None
+
+
+@dataclass(frozen=True)
+class Encoded:
+    """One tokenized conversation: `labels` is IGNORE_INDEX except on trained assistant tokens."""
+
+    input_ids: list[int]
+    labels: list[int]
+
+
+def encode_chat(tokenizer: Any, messages: Sequence[Any]) -> Encoded:
+    """Tokenize a conversation as the model's chat template renders it; train only on the
+    assistant messages whose weight is not 0, each with its end-of-turn token (so the adapter
+    learns to stop) but not the whitespace the template puts after it.
+
+    `messages` are trainer.data Messages (role, content, weight). Raises ValueError where the
+    template does not render a conversation's beginning as a prefix of the whole.
+    """
+    chat = [{"role": m.role, "content": m.content} for m in messages]
+    text = tokenizer.apply_chat_template(chat, tokenize=False)
+    eos = tokenizer.eos_token or ""
+    spans = []
+    for i, message in enumerate(messages):
+        if message.role != "assistant" or message.weight == 0:
+            continue
+        prompt = tokenizer.apply_chat_template(chat[:i], tokenize=False, add_generation_prompt=True)
+        turn = tokenizer.apply_chat_template(chat[: i + 1], tokenize=False)
+        if not (turn.startswith(prompt) and text.startswith(turn)):
+            raise ValueError(f"the chat template does not render message {i + 1} as a prefix")
+        end = turn.rfind(eos) if eos else -1
+        spans.append((len(prompt), end + len(eos) if end >= len(prompt) else len(turn.rstrip())))
+    encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    labels = [
+        token if any(lo <= start < hi for lo, hi in spans) else IGNORE_INDEX
+        for token, (start, _end) in zip(encoding.input_ids, encoding.offset_mapping, strict=True)
+    ]
+    return Encoded(input_ids=list(encoding.input_ids), labels=labels)
+
+
+def check_method_available(method: str) -> None:
+    """QLoRA's 4-bit base needs CUDA and bitsandbytes: say so before any work is done."""
+    if method != "qlora":
+        return
+    import torch
+
+    cuda = torch.cuda.is_available()
+    bnb = importlib.util.find_spec("bitsandbytes") is not None
+    if not (cuda and bnb):
+        missing = [
+            what
+            for what, ok in (("no CUDA GPU", cuda), ("bitsandbytes not installed", bnb))
+            if not ok
+        ]
+        raise TrainingError(f"{QLORA_UNAVAILABLE} ({', '.join(missing)}); use --method lora")
+
+
+def train_sft(
+    *,
+    model_dir: Path,
+    train: Path,
+    val: Path | None,
+    out_dir: Path,
+    settings: SFTSettings,
+    resume: bool = False,
+    progress: Progress | None = None,
+    base: BaseModel | None = None,
+) -> TrainResult:
+    """Train an adapter on `train` (chat JSONL), evaluating on `val`, into `out_dir`.
+
+    `base` names the base model as the registry will (default: from the folder). With `resume`,
+    continue from the newest checkpoint in out_dir/checkpoints. Raises TrainingError for data or
+    settings that cannot train (nothing is written but the run record and checkpoints).
+    """
+    check_method_available(settings.method)
+    import torch
+    from transformers import AutoTokenizer
+
+    out_dir = Path(out_dir)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    train_set, train_info = _load_split(train, tokenizer, settings, split="train")
+    val_set, val_info = _load_split(val, tokenizer, settings, split="val") if val else (None, None)
+    datasets = {"train": train_info} | ({"val": val_info} if val_info else {})
+    identity = (base or outputs.default_base_model(model_dir)).canonical(str(model_dir))
+    record = outputs.run_record(settings=settings.to_json(), datasets=datasets, base_model=identity)
+    checkpoint = outputs.prepare_run_dir(out_dir, record, resume=resume)
+    choice = choose_dtype(settings.dtype, cuda=torch.cuda.is_available())
+    dtype = _resolve_dtype(choice.dtype)
+    trainer = _build_trainer(
+        model_dir=model_dir, tokenizer=tokenizer, train_set=train_set, val_set=val_set,
+        out_dir=out_dir, settings=settings, dtype=dtype, progress=progress,
+    )  # fmt: skip
+    started = time.perf_counter()
+    tokens_before = _tokens_seen_at(checkpoint)
+    trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    wall = time.perf_counter() - started
+    adapter_dir = outputs.save_adapter(trainer.model, out_dir)
+    summary = outputs.summarize(
+        trainer.state, wall_seconds=wall, tokens_before=tokens_before, datasets=datasets
+    )
+    manifest = outputs.write_outputs(
+        out_dir, adapter_dir=adapter_dir, record=record, summary=summary,
+        machine=outputs.machine(settings.dtype, dtype=dtype, reason=choice.reason),
+        resumed_from_step=outputs.checkpoint_step(checkpoint) if checkpoint else None,
+    )  # fmt: skip
+    return TrainResult(
+        adapter_dir=adapter_dir, metrics_path=out_dir / outputs.METRICS,
+        plot_path=out_dir / outputs.PLOT, manifest_path=out_dir / outputs.MANIFEST,
+        manifest=manifest, best_val_loss=manifest["best_val_loss"],
+        final_val_loss=manifest["final_val_loss"],
+    )  # fmt: skip
+
+
+def _resolve_dtype(chosen: str) -> str:
+    """The core's choice, made concrete: on a GPU "auto" is bf16 where it is supported."""
+    if chosen != "auto":
+        return chosen
+    import torch
+
+    return "bfloat16" if torch.cuda.is_bf16_supported() else "float32"
+
+
+def _load_split(
+    path: Path, tokenizer: Any, settings: SFTSettings, *, split: str
+) -> tuple[Any, dict[str, Any]]:
+    """A datasets.Dataset of input_ids/labels from a chat file, and what the manifest records."""
+    from datasets import Dataset as HFDataset
+
+    from trainer.data import read_dataset
+
+    data = read_dataset(Path(path), kind="auto")
+    if data.problems:
+        listed = "; ".join(str(p) for p in data.problems)
+        raise TrainingError(f"{split} data {path} has {len(data.problems)} problem(s): {listed}")
+    if data.kind != "chat":
+        raise TrainingError(f"{split} data {path} is {data.kind} data; SFT needs chat examples")
+    if not data.examples:
+        raise TrainingError(f"{split} data {path} has no examples")
+    rows, too_long, untrained, bad = [], 0, 0, []
+    for example in data.examples:
+        try:
+            encoded = encode_chat(tokenizer, example.messages)
+        except ValueError as e:
+            bad.append(f"line {example.line}: {e}")
+            continue
+        if len(encoded.input_ids) > settings.max_seq_len:
+            too_long += 1
+        elif all(label == IGNORE_INDEX for label in encoded.labels):
+            untrained += 1
+        else:
+            rows.append({"input_ids": encoded.input_ids, "labels": encoded.labels})
+    if bad:
+        raise TrainingError(f"{split} data {path} cannot be rendered: {'; '.join(bad)}")
+    if not rows:
+        raise TrainingError(
+            f"no {split} example of {path} can be trained: {too_long} of {len(data.examples)} are "
+            f"longer than --max-seq-len {settings.max_seq_len} tokens and {untrained} have no "
+            "assistant message with a non-zero weight"
+        )
+    info = {"path": str(Path(path).resolve()), "sha256": data.sha256,
+            "examples": len(data.examples), "used": len(rows),
+            "dropped_too_long": too_long, "dropped_no_assistant_tokens": untrained}  # fmt: skip
+    return HFDataset.from_list(rows), info
+
+
+def _build_trainer(
+    *, model_dir: Path, tokenizer: Any, train_set: Any, val_set: Any, out_dir: Path,
+    settings: SFTSettings, dtype: str, progress: Progress | None,
+) -> Any:  # fmt: skip
+    """SFTTrainer on pre-tokenized rows (the labels are used as they are)."""
+    from datasets.utils.logging import disable_progress_bar
+    from peft import LoraConfig
+    from transformers import EarlyStoppingCallback, PrinterCallback
+    from transformers.utils import logging as transformers_logging
+    from trl import SFTConfig, SFTTrainer
+
+    # Progress is reported through `progress` only: no tqdm bars, no printed log dicts.
+    disable_progress_bar()
+    transformers_logging.disable_progress_bar()
+
+    lora = settings.lora
+    peft_config = LoraConfig(
+        r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout, bias="none",
+        target_modules=list(lora.target_modules), task_type="CAUSAL_LM",
+    )  # fmt: skip
+    has_val = val_set is not None
+    config = SFTConfig(
+        output_dir=str(out_dir / outputs.CHECKPOINTS),
+        learning_rate=settings.lr, lr_scheduler_type=settings.schedule,
+        num_train_epochs=settings.epochs, max_steps=settings.max_steps or -1,
+        per_device_train_batch_size=settings.batch_size,
+        per_device_eval_batch_size=settings.batch_size,
+        gradient_accumulation_steps=settings.grad_accum, warmup_steps=settings.warmup_ratio,
+        max_length=settings.max_seq_len, packing=settings.packing, seed=settings.seed,
+        data_seed=settings.seed, bf16=dtype == "bfloat16", fp16=False,
+        use_cpu=not _cuda(), gradient_checkpointing=False,
+        logging_strategy="steps", logging_steps=1, report_to="none", disable_tqdm=True,
+        eval_strategy="steps" if has_val else "no", eval_steps=1, save_strategy="steps",
+        save_steps=1, save_total_limit=3, load_best_model_at_end=has_val,
+        metric_for_best_model="eval_loss" if has_val else None, greater_is_better=False,
+        include_num_input_tokens_seen="non_padding", restore_callback_states_from_checkpoint=True,
+        dataloader_num_workers=0, remove_unused_columns=True,
+    )  # fmt: skip
+    callbacks: list[Any] = [_ProgressCallback.make(progress)]
+    if has_val and settings.early_stopping_patience:
+        callbacks.append(EarlyStoppingCallback(settings.early_stopping_patience))
+    trainer = SFTTrainer(
+        model=_load_model(model_dir, settings.method, dtype), args=config,
+        train_dataset=train_set, eval_dataset=val_set, processing_class=tokenizer,
+        peft_config=peft_config, callbacks=callbacks,
+    )  # fmt: skip
+    trainer.remove_callback(PrinterCallback)
+    # Steps per epoch are known only now (packing changes the row count): evaluate at every
+    # eval_every steps (default once per epoch); save at every evaluation, so the best one stays.
+    per_epoch = max(
+        1, math.ceil(len(trainer.train_dataset) / settings.batch_size) // settings.grad_accum
+    )
+    config.eval_steps = settings.eval_every or per_epoch
+    config.save_steps = settings.save_every or config.eval_steps
+    return trainer
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def _load_model(model_dir: Path, method: str, dtype: str) -> Any:
+    """fp32 weights on the CPU (bf16 autocast computes where chosen); a 4-bit base for QLoRA.
+
+    QLoRA: no inference may run before training. An eval-mode forward switches bitsandbytes'
+    4-bit weights to a packed format without autograd and training then goes silently wrong.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    if method != "qlora":
+        weights = torch.bfloat16 if dtype == "bfloat16" and _cuda() else torch.float32
+        return AutoModelForCausalLM.from_pretrained(model_dir, dtype=weights)
+    from peft import prepare_model_for_kbit_training
+    from transformers import BitsAndBytesConfig
+
+    compute = torch.bfloat16 if dtype == "bfloat16" else torch.float32
+    quantization = BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=compute,
+    )  # fmt: skip
+    model = AutoModelForCausalLM.from_pretrained(
+        model_dir, quantization_config=quantization, dtype=compute, device_map={"": 0}
+    )
+    return prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+
+
+def _tokens_seen_at(checkpoint: Path | None) -> int:
+    return outputs.checkpoint_state(checkpoint).get("num_input_tokens_seen", 0) if checkpoint else 0
+
+
+class _ProgressCallback:
+    """Forwards each log (train loss, eval loss) to `progress` as a plain dict."""
+
+    @staticmethod
+    def make(progress: Progress | None) -> Any:
+        from transformers import TrainerCallback
+
+        report = progress or (lambda _event: None)
+
+        class Forward(TrainerCallback):
+            def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+                report({"event": "start", "step": state.global_step, "max_steps": state.max_steps})
+
+            def on_log(
+                self, args: Any, state: Any, control: Any, logs: Any = None, **kwargs: Any
+            ) -> None:
+                logs = logs or {}
+                event = {"step": state.global_step, "max_steps": state.max_steps,
+                         "epoch": state.epoch}  # fmt: skip
+                if "eval_loss" in logs:
+                    report(event | {"event": "eval", "eval_loss": logs["eval_loss"]})
+                elif "loss" in logs:
+                    report(event | {"event": "train", "loss": logs["loss"],
+                                    "learning_rate": logs.get("learning_rate")})  # fmt: skip
+
+        return Forward()
