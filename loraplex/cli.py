@@ -20,6 +20,7 @@ app.add_typer(server_cli.model_app, name="model")
 app.add_typer(registry_cli.app, name="registry")
 app.add_typer(ab_cli.app, name="ab")
 app.add_typer(trainer_cli.data_app, name="data")
+app.command("train")(trainer_cli.train)
 app.command("distill")(trainer_cli.distill)
 app.command("loadtest")(loadtest_cli.loadtest)
 

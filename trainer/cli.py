@@ -1,8 +1,10 @@
-"""The trainer's commands, mounted by the `loraplex` root: `data validate|split`, `distill`."""
+"""The trainer's commands, mounted by the `loraplex` root: `data validate|split`, `train`,
+`distill`."""
 
 from __future__ import annotations
 
 from trainer.data_cli import data_app
 from trainer.distill_cli import distill
+from trainer.train_cli import train
 
-__all__ = ["data_app", "distill"]
+__all__ = ["data_app", "distill", "train"]

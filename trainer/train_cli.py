@@ -9,6 +9,7 @@ flags, a rejected adapter: then nothing is registered) or 1 (the registry is unr
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from pathlib import Path
@@ -100,6 +101,15 @@ def train(
     dtype: Annotated[str, typer.Option("--dtype", help="auto, bfloat16 or float32")] = "auto",
     resume: Annotated[bool, typer.Option("--resume", help="continue the run in --out")] = False,
     register: Annotated[bool, typer.Option("--register", help="register the adapter")] = False,
+    gate: Annotated[
+        bool | None,
+        typer.Option(
+            "--gate/--no-gate", help="serve it on the real engine and check it [on with --register]"
+        ),
+    ] = None,
+    force: Annotated[
+        bool, typer.Option("--force", help="register even if the serving gate fails (recorded)")
+    ] = False,
     tag: Annotated[list[str] | None, typer.Option("--tag", help="KEY=VALUE (repeatable)")] = None,
     registry: RegistryOpt = None,
     artifacts: ArtifactsOpt = None,
@@ -137,6 +147,14 @@ def train(
         _check_registrable(name, base.canonical(str(model_dir)), flags)
     out_dir = out or reg_settings.data_dir() / "runs" / f"{name}-{_stamp()}"
     result = _run(model_dir, data, val, out_dir, settings, resume=resume, base=base)
+    if gate if gate is not None else register:
+        verdict = _serving_gate(result, model_dir, data=data, val=val, settings=settings,
+                                forced=force)  # fmt: skip
+        if register and not verdict["passed"] and not force:
+            fail(
+                "the adapter fails the serving gate, so it was not registered (--force to "
+                "register anyway; recorded in its lineage): " + "; ".join(verdict["problems"])
+            )
     version = None
     if register:
         with opened_registry(**flags) as reg:
@@ -145,6 +163,46 @@ def train(
 
 
 train_app.command("train")(train)
+
+
+def _serving_gate(
+    result: TrainResult, model_dir: Path, *, data: Path, val: Path | None,
+    settings: Any, forced: bool,
+) -> dict[str, Any]:  # fmt: skip
+    """Run the train/serve agreement gate (trainer.gate) on held-out prompts and record the
+    verdict in the run's manifest (the lineage a registration stores)."""
+    from rich.console import Console
+
+    from trainer.data import read_dataset
+    from trainer.gate import GateError, run_gate
+
+    source = val or data
+    prompts = [
+        last_user
+        for example in read_dataset(source).examples
+        if (last_user := _last_user_message(example)) is not None
+    ][:_GATE_PROMPTS]
+    with Console(stderr=True).status("Serving the adapter on the engine to check it..."):
+        try:
+            verdict = run_gate(
+                model_dir=model_dir, adapter_dir=result.adapter_dir, prompts=prompts,
+                dtype=settings.dtype, max_lora_rank=max(16, settings.lora.rank),
+            ).to_json()  # fmt: skip
+        except GateError as e:
+            verdict = {"passed": False, "accepted": False, "problems": [str(e)]}
+    verdict.update(forced=forced and not verdict["passed"], held_out=val is not None,
+                   prompts_from=str(source))  # fmt: skip
+    result.manifest["serving_gate"] = verdict
+    result.manifest_path.write_text(json.dumps(result.manifest, indent=2) + "\n")
+    return verdict
+
+
+_GATE_PROMPTS = 6
+
+
+def _last_user_message(example: Any) -> str | None:
+    users = [m.content for m in getattr(example, "messages", ()) if m.role == "user"]
+    return users[-1] if users else None
 
 
 def _registry_settings(flags: Mapping[str, Any]) -> RegistrySettings:

@@ -181,6 +181,9 @@ def test_register_lands_the_next_version_with_its_lineage(run: dict[str, object]
         version = registry.store.resolve(f"{NAME}@1")
     manifest = json.loads((run["out"] / "manifest.json").read_text())
     assert dict(version.lineage) == manifest
+    gate = manifest["serving_gate"]  # served by the real engine before it was registered
+    assert gate["passed"] and gate["accepted"] and gate["held_out"], gate["problems"]
+    assert gate["changed_share"] > 0 and not gate["forced"]
     assert dict(version.tags) == {"team": "qa"}
     assert version.base_model == "smollm2" and version.rank == 16
 
