@@ -193,9 +193,17 @@ def show(
     with opened_registry(home=home, registry=registry, artifacts=artifacts) as reg:
         version = reg.store.resolve(ref)
         aliases = reg.store.get_adapter(version.name).aliases
+        evaluations = reg.store.evaluations.list(version.name, version.number)
     held = sorted(a for a, v in aliases.items() if v == version.number)
-    data = version.to_json() | {"aliases": held}
-    emit(data, describe_version(version, held), as_json=json_output)
+    data = version.to_json() | {"aliases": held, "evaluations": [e.to_json() for e in evaluations]}
+    text = describe_version(version, held)
+    if evaluations:
+        from registry.evaluations import summary_line
+
+        latest = evaluations[-1]
+        text += f"\n{'evaluation:':<16}{summary_line(latest)}"
+        text += f"\n{'':<16}({len(evaluations)} in all; latest {latest.created_at.isoformat()})"
+    emit(data, text, as_json=json_output)
 
 
 @app.command()

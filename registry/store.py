@@ -45,6 +45,7 @@ from registry.tables import (
 )
 
 if TYPE_CHECKING:
+    from registry.evaluations import EvaluationStore
     from registry.experiments import ExperimentStore
 
 PROMOTE, ROLLBACK = "promote", "rollback"
@@ -92,6 +93,13 @@ class RegistryStore:
         from registry.experiments import ExperimentStore
 
         return ExperimentStore(self.engine, sessions=self)
+
+    @cached_property
+    def evaluations(self) -> EvaluationStore:
+        """Versions' evaluations on the same database (registry.evaluations builds on this)."""
+        from registry.evaluations import EvaluationStore
+
+        return EvaluationStore(self.engine, sessions=self)
 
     @contextmanager
     def read(self) -> Iterator[Session]:

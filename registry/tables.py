@@ -1,6 +1,7 @@
 """The registry's SQL tables (sqlmodel): adapters, immutable versions, aliases as rows, the
 append-only alias-event log, the change counter servers poll, and experiments (their rows,
-event log, per-user and per-variant aggregates, completions awaiting feedback, replica states).
+event log, per-user and per-variant aggregates, completions awaiting feedback, replica states)
+and versions' evaluations.
 Schema changes go through a migration in registry/migrations; these classes must match the
 newest one.
 """
@@ -282,10 +283,33 @@ class ExperimentReplicaRow(SQLModel, table=True):
     updated_at: datetime = _timestamp()
 
 
+class EvaluationRow(SQLModel, table=True):
+    """One evaluation of a version against a baseline; rows are only ever appended."""
+
+    __tablename__ = "version_evaluations"
+    __table_args__ = (
+        ForeignKeyConstraint(
+            ["adapter_id", "version"],
+            ["adapter_versions.adapter_id", "adapter_versions.number"],
+            name="fk_evaluation_version",
+        ),
+        Index("ix_version_evaluations_version", "adapter_id", "version", "id"),
+    )
+
+    id: int | None = Field(default=None, primary_key=True)
+    adapter_id: int = Field(sa_column=Column(Integer, ForeignKey("adapters.id"), nullable=False))
+    version: int = Field(sa_column=Column(Integer, nullable=False))
+    baseline: str = Field(sa_column=Column(String(128), nullable=False))
+    dataset_sha256: str = Field(sa_column=Column(String(64), nullable=False))
+    metrics: dict[str, Any] = Field(sa_column=Column(JSON, nullable=False))
+    created_at: datetime = _timestamp()
+    created_by: str = Field(sa_column=Column(String(128), nullable=False))
+
+
 def _refuse_change(mapper: Any, connection: Any, target: Any) -> None:
     raise ImmutableRecordError(f"{type(target).__name__} rows are written once and never changed")
 
 
-for _table in (VersionRow, AliasEventRow, ExperimentEventRow):
+for _table in (VersionRow, AliasEventRow, ExperimentEventRow, EvaluationRow):
     event.listen(_table, "before_update", _refuse_change)
     event.listen(_table, "before_delete", _refuse_change)

@@ -38,6 +38,7 @@ TABLES = {
     "experiment_counters",
     "experiment_completions",
     "experiment_replicas",
+    "version_evaluations",
 }
 
 
@@ -155,6 +156,28 @@ def test_upgrading_from_the_first_schema_keeps_the_data(database_url):
         )
         assert store.history("old")[-1].details["experiment"] == started.id
         assert store.rollback("old", actor="bo").to_version == 2
+    finally:
+        store.close()
+
+
+def test_upgrading_from_the_experiments_schema_adds_evaluations(database_url):
+    _fill_the_first_schema(database_url)
+    engine = create_registry_engine(database_url)
+    try:
+        upgrade_schema(engine, revision="0002")
+        assert current_revision(engine) == "0002"
+        assert "version_evaluations" not in inspect(engine).get_table_names()
+    finally:
+        engine.dispose()
+    store = RegistryStore.open(database_url)
+    try:
+        assert current_revision(store.engine) == SCHEMA_HEAD == "0003"
+        assert store.revision() == 5 and store.resolve("old").number == 2
+        added = store.evaluations.add(
+            "old", 2, baseline="old@1", dataset_sha256="0" * 64, metrics={"m": 1}, actor="ana"
+        )
+        assert store.evaluations.latest("old", 2) == added
+        assert store.revision() == 5
     finally:
         store.close()
 
