@@ -1,8 +1,8 @@
 """Real PEFT LoRA adapters for the embedded model, each with a behaviour one greedy answer shows.
 
-Owns the adapter specs (behaviour + check), the deterministic training recipe, training with a
-plain torch loop, verification on held-out prompts and the on-disk cache keyed by what was
-trained. It knows nothing about serving; tests hand the folders to the registry and engine.
+Owns the adapter specs (behaviour + check), the deterministic training recipe, training with the
+product's own trainer (`trainer.sft`: TRL's SFTTrainer, assistant-only loss), verification on
+held-out prompts and the on-disk cache keyed by what was trained. It knows nothing about serving; tests hand the folders to the registry and engine.
 Training computes in the dtype `loraplex.hardware.choose_dtype` picks for this CPU, as serving
 does: bf16 autocast only where the CPU has native bf16 (it is ~30x slower where emulated).
 """
@@ -15,7 +15,6 @@ import fcntl
 import hashlib
 import json
 import os
-import random
 import shutil
 import tempfile
 import time
@@ -31,8 +30,7 @@ SUFFIX_MARKER = " Over and out."
 ADAPTER_FOLDER = "adapter"
 VERIFICATION_FILE = "verification.json"
 # Bump when the training code changes in a way the recipe fields do not capture.
-_TRAINING_CODE_VERSION = 1
-_CHAT_END = "<|im_end|>"
+_TRAINING_CODE_VERSION = 2  # 2: trained by trainer.sft (TRL)
 
 
 class AdapterBuildError(Exception):
@@ -282,22 +280,38 @@ def train_and_verify(
     answer does. Returns the verification report (answers, pass counts, timings).
     """
     import torch
-    from peft import LoraConfig, get_peft_model
+    from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    torch.manual_seed(config.seed)
+    from trainer.sft import LoraSettings, SFTSettings, train_sft
+
+    settings = SFTSettings(
+        lora=LoraSettings(rank=config.rank, alpha=float(config.alpha), dropout=0.0,
+                          target_modules=tuple(config.target_modules)),
+        lr=config.learning_rate, schedule="constant", max_steps=config.steps,
+        batch_size=config.batch_size, max_seq_len=256, seed=config.seed,
+        warmup_ratio=config.warmup_steps / config.steps, dtype=dtype,
+    )  # fmt: skip
+    with tempfile.TemporaryDirectory(prefix="loraplex-test-adapter-") as work:
+        data = Path(work) / "train.jsonl"
+        rows = [
+            {"messages": [{"role": "user", "content": q},
+                          {"role": "assistant", "content": spec.transform(a)}]}
+            for q, a in TRAINING_PAIRS
+        ]  # fmt: skip
+        data.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+        started = time.perf_counter()
+        result = train_sft(
+            model_dir=model_dir, train=data, val=None, out_dir=Path(work) / "run",
+            settings=settings,
+        )  # fmt: skip
+        train_seconds = time.perf_counter() - started
+        shutil.copytree(result.adapter_dir, out_dir)
+        metrics = json.loads(result.metrics_path.read_text())
+    losses = [round(step["loss"], 4) for step in metrics["train_loss"]] or [0.0]
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    lora = LoraConfig(
-        r=config.rank, lora_alpha=config.alpha, lora_dropout=0.0, bias="none",
-        target_modules=list(config.target_modules), task_type="CAUSAL_LM",
-    )  # fmt: skip
-    model = get_peft_model(base, lora)
-    examples = [_encode(tokenizer, q, spec.transform(a)) for q, a in TRAINING_PAIRS]
-    started = time.perf_counter()
-    losses = _train(model, examples, config=config, pad_id=tokenizer.pad_token_id, dtype=dtype)
-    train_seconds = time.perf_counter() - started
-    model.save_pretrained(out_dir)
+    model = PeftModel.from_pretrained(base, str(out_dir))
     answers = generate_answers(model, tokenizer, HELD_OUT_PROMPTS, dtype=dtype)
     with model.disable_adapter():
         base_answers = generate_answers(model, tokenizer, HELD_OUT_PROMPTS, dtype=dtype)
@@ -341,68 +355,11 @@ def _prompt_text(tokenizer: object, question: str) -> str:
     return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
 
 
-def _encode(tokenizer: object, question: str, answer: str) -> tuple[list[int], list[int]]:
-    """Token ids of prompt + answer + <|im_end|>, and labels masking the prompt with -100."""
-    prompt = tokenizer(_prompt_text(tokenizer, question), add_special_tokens=False).input_ids
-    completion = tokenizer(answer + _CHAT_END, add_special_tokens=False).input_ids
-    return prompt + completion, [-100] * len(prompt) + completion
-
-
-def _train(
-    model: object, examples: list[tuple[list[int], list[int]]], *,
-    config: LoraTrainingConfig, pad_id: int, dtype: str,
-) -> list[float]:  # fmt: skip
-    """A plain AdamW loop (bf16 autocast for "bfloat16"); returns the loss of every step."""
-    import torch
-
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=0.0)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: min(1.0, (step + 1) / config.warmup_steps)
-    )
-    order_rng = random.Random(config.seed)
-    order: list[int] = []
-    losses = []
-    model.train()
-    for _ in range(config.steps):
-        if len(order) < config.batch_size:
-            order += order_rng.sample(range(len(examples)), len(examples))
-        chosen, order = order[: config.batch_size], order[config.batch_size :]
-        batch = _collate([examples[i] for i in chosen], pad_id=pad_id)
-        with _autocast(dtype):
-            loss = model(**batch).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
-        optimizer.step()
-        schedule.step()
-        optimizer.zero_grad(set_to_none=True)
-        losses.append(round(loss.item(), 4))
-    return losses
-
-
 def _autocast(dtype: str) -> Any:
     """bf16 autocast on the CPU for "bfloat16"; for "float32" the fp32 weights compute as they are."""
     import torch
 
     return torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bfloat16")
-
-
-def _collate(examples: list[tuple[list[int], list[int]]], *, pad_id: int) -> dict[str, object]:
-    """Right-pad a batch; padding is masked out of attention and loss."""
-    import torch
-
-    width = max(len(ids) for ids, _ in examples)
-    input_ids, labels, mask = [], [], []
-    for ids, target in examples:
-        pad = width - len(ids)
-        input_ids.append(ids + [pad_id] * pad)
-        labels.append(target + [-100] * pad)
-        mask.append([1] * len(ids) + [0] * pad)
-    return {
-        "input_ids": torch.tensor(input_ids),
-        "labels": torch.tensor(labels),
-        "attention_mask": torch.tensor(mask),
-    }
 
 
 def behaviours(text: str) -> set[str]:
