@@ -252,3 +252,66 @@ def _peft_answerer(
         return answers
 
     return answer
+
+
+# -- serving registry versions: what `loraplex eval` talks to ---------------------------------
+
+
+@contextlib.contextmanager
+def served_registry(
+    model_dir: Path,
+    *,
+    registry_url: str,
+    artifacts_url: str,
+    served_name: str,
+    dtype: str,
+    max_lora_rank: int,
+    max_loras: int = 2,
+) -> Iterator[str]:
+    """`loraplex serve` on a registry, so NAME@V resolves as in production; yields its URL."""
+    port = _free_port()
+    with tempfile.TemporaryDirectory(prefix="loraplex-serve-") as home:
+        command = [
+            sys.executable, "-m", "loraplex.cli", "serve", "--model", str(model_dir),
+            "--registry", registry_url, "--artifacts", artifacts_url,
+            "--served-name", served_name, "--port", str(port), "--max-loras", str(max_loras),
+            "--max-lora-rank", str(max_lora_rank), "--kv-cache-gib", "1",
+            "--max-model-len", "2048", "--max-num-seqs", "8", "--dtype", dtype, "--home", home,
+        ]  # fmt: skip
+        log = Path(home) / "serve.log"
+        with log.open("wb") as out:
+            process = subprocess.Popen(
+                command, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+                env={**os.environ, "LORAPLEX_HOME": home},
+            )  # fmt: skip
+        url = f"http://127.0.0.1:{port}"
+        try:
+            _wait_ready(url, process, log)
+            yield url
+        finally:
+            _stop(process)
+
+
+def chat_completion(
+    url: str, model: str, messages: Sequence[dict[str, str]], *, max_tokens: int
+) -> dict[str, Any]:
+    """One greedy chat completion: {"content", "finish_reason", "model" (what served it)}."""
+    reply = httpx.post(
+        f"{url}/v1/chat/completions",
+        json={
+            "model": model,
+            "messages": list(messages),
+            "temperature": 0,
+            "max_tokens": max_tokens,
+        },  # fmt: skip
+        timeout=300,
+    )
+    if reply.status_code != 200:
+        raise GateError(f"{model}: HTTP {reply.status_code}: {reply.text[:300]}")
+    data = reply.json()
+    choice = data["choices"][0]
+    return {
+        "content": choice["message"]["content"] or "",
+        "finish_reason": choice["finish_reason"],
+        "model": data.get("model", model),
+    }
