@@ -22,6 +22,7 @@ app.add_typer(ab_cli.app, name="ab")
 app.add_typer(trainer_cli.data_app, name="data")
 app.command("train")(trainer_cli.train)
 app.command("distill")(trainer_cli.distill)
+app.command("eval")(trainer_cli.eval_command)
 app.command("loadtest")(loadtest_cli.loadtest)
 
 

@@ -31,7 +31,7 @@ from registry.refs import parse_ref
 from registry.service import Registry
 from registry.settings import RegistrySettings
 from trainer.data import ChatExample, DatasetError, Message, read_dataset
-from trainer.gate import GateError, chat_completion, served_registry
+from trainer.serving import ServeError, chat_completion, serve_child
 
 BASE = "base"  # `--baseline base`: the served base model, no adapter
 SERVED_BASE_NAME = "loraplex-eval-base"  # cannot collide with an adapter name (it has no @)
@@ -359,10 +359,11 @@ def _generate(
     answers: dict[str, list[str]] = {}
     served: dict[str, str] = {}
     try:
-        with served_registry(
-            model_dir, registry_url=settings.database_url(),
-            artifacts_url=settings.artifacts_url(), served_name=SERVED_BASE_NAME,
-            dtype=config.dtype, max_lora_rank=max([16, *ranks]),
+        with serve_child(
+            model_dir, args=["--registry", settings.database_url(), "--artifacts",
+                             settings.artifacts_url(), "--served-name", SERVED_BASE_NAME],
+            dtype=config.dtype, max_lora_rank=max([16, *ranks]), max_loras=2,
+            max_model_len=2048, max_num_seqs=8,
         ) as url, ThreadPoolExecutor(config.concurrency) as pool:  # fmt: skip
             for side in sides:
                 progress(f"generating {len(conversations)} answers with {side.label}")
@@ -377,7 +378,7 @@ def _generate(
                 )
                 answers[side.label] = [r["content"] for r in replies]
                 served[side.label] = replies[0]["model"] if replies else side.served_as
-    except GateError as e:
+    except ServeError as e:
         raise ServingPathError(f"the serving path failed: {e}") from e
     return answers, served
 

@@ -13,33 +13,25 @@ held-out prompts against peft's own greedy answers:
   running out of length (the classic template / EOS mismatch that never stops);
 * it is not a no-op: the served adapter's answers differ from the served base model's.
 
-The result goes into the run's manifest; `loraplex train --register` refuses a failing adapter
+The child server is `trainer.serving`. The result goes into the run's manifest; `loraplex train --register` refuses a failing adapter
 unless `--force`, which is recorded too.
 """
 
 from __future__ import annotations
 
-import contextlib
 import difflib
-import os
-import signal
-import socket
-import subprocess
-import sys
-import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import httpx
+from trainer.serving import ServeError, chat_completion, serve_child
 
 GATE_ADAPTER = "gate-candidate"
 DEFAULT_MAX_TOKENS = 96
 DEFAULT_SIMILARITY = 0.6  # mean text similarity (difflib ratio) between peft and served answers
 DEFAULT_ENDED_SHARE = 0.75  # share of served answers that must stop by themselves
-_READY_TIMEOUT_SECONDS = 600.0
 
 
 class GateError(Exception):
@@ -92,10 +84,13 @@ def run_gate(
     peft = (peft_answers or _peft_answerer(model_dir, adapter_dir, max_tokens, dtype))(prompts)
     problems: list[str] = []
     try:
-        with served(model_dir, adapter_dir, dtype=dtype, max_lora_rank=max_lora_rank) as url:
+        with serve_child(
+            model_dir, args=["--adapter", f"{GATE_ADAPTER}={adapter_dir}", "--served-name", "base"],
+            dtype=dtype, max_lora_rank=max_lora_rank,
+        ) as url:  # fmt: skip
             served_answers = [_chat(url, GATE_ADAPTER, p, max_tokens) for p in prompts]
             base_answers = [_chat(url, "base", p, max_tokens) for p in prompts]
-    except GateError as e:
+    except ServeError as e:
         return GateResult(
             passed=False, accepted=False, agreement=0.0, ended_share=0.0, changed_share=0.0,
             problems=[f"the engine did not accept the adapter: {e}"],
@@ -141,83 +136,6 @@ def run_gate(
     )  # fmt: skip
 
 
-# -- the engine side: `loraplex serve` in a child process -------------------------------------
-
-
-@contextlib.contextmanager
-def served(model_dir: Path, adapter_dir: Path, *, dtype: str, max_lora_rank: int) -> Iterator[str]:
-    """`loraplex serve` with the adapter as a local folder; yields its base URL."""
-    port = _free_port()
-    with tempfile.TemporaryDirectory(prefix="loraplex-gate-") as home:
-        command = [
-            sys.executable, "-m", "loraplex.cli", "serve", "--model", str(model_dir),
-            "--adapter", f"{GATE_ADAPTER}={adapter_dir}", "--served-name", "base",
-            "--port", str(port), "--max-loras", "1", "--max-lora-rank", str(max_lora_rank),
-            "--kv-cache-gib", "1", "--max-model-len", "1024", "--max-num-seqs", "4",
-            "--dtype", dtype, "--home", home,
-        ]  # fmt: skip
-        log = Path(home) / "serve.log"
-        with log.open("wb") as out:
-            process = subprocess.Popen(
-                command, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-                env={**os.environ, "LORAPLEX_HOME": home},
-            )  # fmt: skip
-        url = f"http://127.0.0.1:{port}"
-        try:
-            _wait_ready(url, process, log)
-            yield url
-        finally:
-            _stop(process)
-
-
-def _wait_ready(url: str, process: subprocess.Popen, log: Path) -> None:
-    deadline = time.monotonic() + _READY_TIMEOUT_SECONDS
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            tail = log.read_text(errors="replace")[-2000:]
-            raise GateError(f"`loraplex serve` exited with {process.returncode}: {tail.strip()}")
-        with contextlib.suppress(httpx.HTTPError):
-            if httpx.get(f"{url}/ready", timeout=2).status_code == 200:
-                return
-        time.sleep(0.5)
-    raise GateError(f"`loraplex serve` was not ready within {_READY_TIMEOUT_SECONDS:.0f} s")
-
-
-def _stop(process: subprocess.Popen) -> None:
-    if process.poll() is None:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGINT)
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
-
-
-def _chat(url: str, model: str, prompt: str, max_tokens: int) -> tuple[str, str]:
-    reply = httpx.post(
-        f"{url}/v1/chat/completions",
-        json={
-            "model": model,
-            "messages": [{"role": "user", "content": prompt}],
-            "temperature": 0,
-            "max_tokens": max_tokens,
-        },  # fmt: skip
-        timeout=300,
-    )
-    if reply.status_code != 200:
-        raise GateError(f"{model}: HTTP {reply.status_code}: {reply.text[:300]}")
-    choice = reply.json()["choices"][0]
-    return choice["message"]["content"] or "", choice["finish_reason"]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 # -- the training side: peft's own greedy answers ---------------------------------------------
 
 
@@ -254,64 +172,8 @@ def _peft_answerer(
     return answer
 
 
-# -- serving registry versions: what `loraplex eval` talks to ---------------------------------
-
-
-@contextlib.contextmanager
-def served_registry(
-    model_dir: Path,
-    *,
-    registry_url: str,
-    artifacts_url: str,
-    served_name: str,
-    dtype: str,
-    max_lora_rank: int,
-    max_loras: int = 2,
-) -> Iterator[str]:
-    """`loraplex serve` on a registry, so NAME@V resolves as in production; yields its URL."""
-    port = _free_port()
-    with tempfile.TemporaryDirectory(prefix="loraplex-serve-") as home:
-        command = [
-            sys.executable, "-m", "loraplex.cli", "serve", "--model", str(model_dir),
-            "--registry", registry_url, "--artifacts", artifacts_url,
-            "--served-name", served_name, "--port", str(port), "--max-loras", str(max_loras),
-            "--max-lora-rank", str(max_lora_rank), "--kv-cache-gib", "1",
-            "--max-model-len", "2048", "--max-num-seqs", "8", "--dtype", dtype, "--home", home,
-        ]  # fmt: skip
-        log = Path(home) / "serve.log"
-        with log.open("wb") as out:
-            process = subprocess.Popen(
-                command, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-                env={**os.environ, "LORAPLEX_HOME": home},
-            )  # fmt: skip
-        url = f"http://127.0.0.1:{port}"
-        try:
-            _wait_ready(url, process, log)
-            yield url
-        finally:
-            _stop(process)
-
-
-def chat_completion(
-    url: str, model: str, messages: Sequence[dict[str, str]], *, max_tokens: int
-) -> dict[str, Any]:
-    """One greedy chat completion: {"content", "finish_reason", "model" (what served it)}."""
-    reply = httpx.post(
-        f"{url}/v1/chat/completions",
-        json={
-            "model": model,
-            "messages": list(messages),
-            "temperature": 0,
-            "max_tokens": max_tokens,
-        },  # fmt: skip
-        timeout=300,
+def _chat(url: str, model: str, prompt: str, max_tokens: int) -> tuple[str, str]:
+    reply = chat_completion(
+        url, model, [{"role": "user", "content": prompt}], max_tokens=max_tokens
     )
-    if reply.status_code != 200:
-        raise GateError(f"{model}: HTTP {reply.status_code}: {reply.text[:300]}")
-    data = reply.json()
-    choice = data["choices"][0]
-    return {
-        "content": choice["message"]["content"] or "",
-        "finish_reason": choice["finish_reason"],
-        "model": data.get("model", model),
-    }
+    return reply["content"], reply["finish_reason"]
