@@ -23,6 +23,20 @@ def test_cache_root() -> Path:
 test_cache_root.__test__ = False  # a helper, not a test
 
 
+@pytest.fixture(scope="session", autouse=True)
+def isolated_home(tmp_path_factory: pytest.TempPathFactory):
+    """Every test (and every process it starts) gets an empty LORAPLEX_HOME unless it says
+    otherwise: what a user has in ~/.loraplex (a prepared model, a registry) changes no result."""
+    previous = os.environ.get("LORAPLEX_HOME")
+    home = tmp_path_factory.mktemp("loraplex-home")
+    os.environ["LORAPLEX_HOME"] = str(home)
+    yield home
+    if previous is None:
+        os.environ.pop("LORAPLEX_HOME", None)
+    else:
+        os.environ["LORAPLEX_HOME"] = previous
+
+
 @pytest.fixture(scope="session")
 def embedded_model_dir() -> Path:
     """The converted SmolLM2-135M-Instruct folder (downloaded and converted on first use)."""
