@@ -3,7 +3,8 @@
 Layout of a run folder: `run.json` (what the run is: settings, dataset sha256s, base model;
 checked again on --resume), `checkpoints/checkpoint-N/` (resumable trainer states),
 `adapter/` (the PEFT folder to register), `metrics.json`, `loss.png` and `manifest.json`
-(lineage). This module reads and writes those files; it does not train (trainer.sft does).
+(lineage). This module reads and writes those files; it does not train (trainer.sft and
+trainer.dpo do).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import importlib.metadata
 import json
 import os
 import shutil
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -203,10 +204,14 @@ def write_outputs(
     summary: Mapping[str, Any],
     machine: Mapping[str, Any],
     resumed_from_step: int | None,
+    plot: Callable[[Mapping[str, Any], Path], None] | None = None,
+    extra: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Write metrics.json, loss.png and manifest.json; return the manifest."""
+    """Write metrics.json, loss.png and manifest.json; return the manifest. `plot` draws
+    loss.png (default: plot_losses); `extra` adds or overrides manifest fields (DPO's format,
+    beta and starting version)."""
     _write_json(out_dir / METRICS, summary)
-    plot_losses(summary, out_dir / PLOT)
+    (plot or plot_losses)(summary, out_dir / PLOT)
     settings = record["settings"]
     manifest = {
         "format": MANIFEST_FORMAT,
@@ -224,7 +229,7 @@ def write_outputs(
         "adapter_step": summary["best_step"] or summary["steps"],
         "steps": summary["steps"],
         "resumed_from_step": resumed_from_step,
-    }
+    } | dict(extra or {})
     _write_json(out_dir / MANIFEST, manifest)
     return manifest
 
@@ -250,6 +255,69 @@ def plot_losses(summary: Mapping[str, Any], path: Path) -> None:
         axes.set_ylabel("loss")
         axes.set_title("SFT loss")
         axes.legend()
+        figure.tight_layout()
+        figure.savefig(path)
+    finally:
+        plt.close(figure)
+
+
+REWARDS = ("chosen", "rejected", "margins", "accuracies")  # TRL's DPO logs: rewards/<name>
+
+
+def summarize_rewards(state: Any) -> dict[str, Any]:
+    """metrics.json's preference part: DPO's implicit rewards per logging step and evaluation
+    (chosen, rejected, their margin and the share of pairs ranked right)."""
+
+    def rows(prefix: str) -> list[dict[str, Any]]:
+        return [
+            {"step": e["step"]} | {name: e[f"{prefix}rewards/{name}"] for name in REWARDS}
+            for e in state.log_history
+            if f"{prefix}rewards/margins" in e and "step" in e
+        ]
+
+    evals = rows("eval_")
+    return {
+        "rewards": rows(""),
+        "eval_rewards": evals,
+        "final_val_reward_accuracy": evals[-1]["accuracies"] if evals else None,
+        "final_val_reward_margin": evals[-1]["margins"] if evals else None,
+    }
+
+
+def plot_preference(summary: Mapping[str, Any], path: Path) -> None:
+    """DPO's loss (train, validation) above its reward margin and accuracy, against the step."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    figure, (loss_axes, reward_axes) = plt.subplots(2, 1, figsize=(7, 7), dpi=100, sharex=True)
+    try:
+        train = summary["train_loss"]
+        loss_axes.plot([e["step"] for e in train], [e["loss"] for e in train], label="train")
+        if summary["eval_loss"]:
+            evals = summary["eval_loss"]
+            loss_axes.plot([e["step"] for e in evals], [e["loss"] for e in evals], marker="o",
+                           label="validation")  # fmt: skip
+        loss_axes.set_ylabel("DPO loss")
+        loss_axes.set_title("DPO loss and rewards")
+        loss_axes.legend()
+        accuracy_axes = reward_axes.twinx()
+        for key, style, label in (("rewards", "-", "train"), ("eval_rewards", "o--", "val")):
+            rows = summary[key]
+            if not rows:
+                continue
+            steps = [e["step"] for e in rows]
+            reward_axes.plot(steps, [e["margins"] for e in rows], style, color="tab:blue",
+                             label=f"margin ({label})")  # fmt: skip
+            accuracy_axes.plot(steps, [e["accuracies"] for e in rows], style, color="tab:orange",
+                               label=f"accuracy ({label})")  # fmt: skip
+        reward_axes.set_xlabel("step")
+        reward_axes.set_ylabel("reward margin (chosen - rejected)")
+        accuracy_axes.set_ylabel("reward accuracy")
+        accuracy_axes.set_ylim(-0.05, 1.05)
+        handles = [h for axes in (reward_axes, accuracy_axes) for h in axes.get_lines()]
+        reward_axes.legend(handles=handles, labels=[h.get_label() for h in handles], loc="best")
         figure.tight_layout()
         figure.savefig(path)
     finally:

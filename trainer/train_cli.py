@@ -1,7 +1,8 @@
-"""`loraplex train`: validate chat data, train an adapter (trainer.sft), optionally register it.
+"""`loraplex train`: validate data, train an adapter, optionally register it.
 
-`train` parses flags and calls trainer.data.validate, trainer.sft.train_sft and, with
---register, `register_result`: the one step that puts a finished run into the registry as the
+`train` parses flags and calls trainer.data.validate, then trainer.sft.train_sft (chat data) or,
+with `--method dpo`, trainer.dpo.train_dpo (preference data; `--from NAME@V` continues a registry
+version) and, with --register, `register_result`: the one step that puts a finished run into the registry as the
 next version of a name, with the run's manifest as lineage (other training methods call it
 too). Every expected failure prints one line `error: ...` on stderr and exits 2 (bad data or
 flags, a rejected adapter: then nothing is registered) or 1 (the registry is unreachable).
@@ -36,9 +37,12 @@ if TYPE_CHECKING:
     from registry.records import VersionRecord
     from registry.service import Registry
     from registry.settings import RegistrySettings
+    from trainer.dpo import DPOSettings, StartingAdapter
     from trainer.sft import SFTSettings, TrainResult
 
-train_app = typer.Typer(help="Train adapters on chat data.", no_args_is_help=True)
+train_app = typer.Typer(help="Train adapters on chat or preference data.", no_args_is_help=True)
+_LORA_DEFAULTS = {"rank": 16, "alpha": 32.0, "dropout": 0.05,
+                  "target_modules": "q_proj,k_proj,v_proj,o_proj"}  # fmt: skip
 
 
 def register_result(
@@ -60,27 +64,38 @@ def register_result(
 
 
 def train(
-    data: Annotated[Path, typer.Option("--data", help="training data: chat JSONL")],
+    data: Annotated[
+        Path, typer.Option("--data", help="training data: chat JSONL (preference JSONL for dpo)")
+    ],
     name: Annotated[str, typer.Option("--name", help="adapter name in the registry")],
-    val: Annotated[Path | None, typer.Option("--val", help="validation data: chat JSONL")] = None,
+    val: Annotated[Path | None, typer.Option("--val", help="validation data, as --data")] = None,
     out: Annotated[
         Path | None, typer.Option("--out", help="run folder [<home>/runs/<name>-<utc stamp>]")
     ] = None,
     model: Annotated[
         Path | None, typer.Option("--model", help="base model folder [the prepared one]")
     ] = None,
-    method: Annotated[str, typer.Option("--method", help="lora or qlora")] = "lora",
+    method: Annotated[
+        str, typer.Option("--method", help="lora, qlora (SFT) or dpo (preference tuning)")
+    ] = "lora",
+    start: Annotated[
+        str | None,
+        typer.Option(
+            "--from", help="dpo: continue this registry version (NAME@V), not a fresh LoRA"
+        ),
+    ] = None,
+    beta: Annotated[float, typer.Option("--beta", help="dpo: strength of the reference")] = 0.1,
     rank: Annotated[int, typer.Option("--rank")] = 16,
     alpha: Annotated[float, typer.Option("--alpha")] = 32.0,
     dropout: Annotated[float, typer.Option("--dropout")] = 0.05,
     target_modules: Annotated[
         str, typer.Option("--target-modules", help="comma-separated")
     ] = "q_proj,k_proj,v_proj,o_proj",
-    lr: Annotated[float, typer.Option("--lr")] = 2e-4,
+    lr: Annotated[float | None, typer.Option("--lr", help="[2e-4; dpo 5e-5]")] = None,
     schedule: Annotated[str, typer.Option("--schedule", help="cosine, linear or constant")] = (
         "cosine"
     ),
-    epochs: Annotated[float, typer.Option("--epochs")] = 3.0,
+    epochs: Annotated[float | None, typer.Option("--epochs", help="[3; dpo 1]")] = None,
     max_steps: Annotated[int | None, typer.Option("--max-steps", help="overrides --epochs")] = None,
     batch_size: Annotated[int, typer.Option("--batch-size")] = 4,
     grad_accum: Annotated[int, typer.Option("--grad-accum")] = 1,
@@ -117,21 +132,32 @@ def train(
     actor: ActorOpt = None,
     json_output: JsonOpt = False,
 ) -> None:
-    """Train a LoRA adapter on chat data (loss on assistant tokens only); print its outputs."""
+    """Train a LoRA adapter on chat data (loss on assistant tokens only), or with --method dpo
+    on preference pairs (from the base or on top of --from NAME@V); print its outputs."""
     from trainer.sft import LoraSettings, SFTSettings, TrainingError, check_method_available
 
     flags = {"home": home, "registry": registry, "artifacts": artifacts}
     reg_settings = _registry_settings(flags)
     modules = tuple(m.strip() for m in target_modules.split(",") if m.strip())
+    dpo = method == "dpo"
+    _check_method_flags(dpo=dpo, start=start, beta=beta, packing=packing,
+                        early_stopping=early_stopping,
+                        lora={"rank": rank, "alpha": alpha, "dropout": dropout,
+                              "target_modules": target_modules})  # fmt: skip
+    common = {"schedule": schedule, "max_steps": max_steps, "batch_size": batch_size,
+              "grad_accum": grad_accum, "max_seq_len": max_seq_len, "seed": seed,
+              "eval_every": eval_every, "save_every": save_every, "dtype": dtype}  # fmt: skip
+    settings: SFTSettings | DPOSettings
     try:
         lora = LoraSettings(rank=rank, alpha=alpha, dropout=dropout, target_modules=modules)
-        settings = SFTSettings(
-            lora=lora, lr=lr, schedule=schedule, epochs=epochs, max_steps=max_steps,
-            batch_size=batch_size, grad_accum=grad_accum, max_seq_len=max_seq_len, seed=seed,
-            packing=packing, eval_every=eval_every, early_stopping_patience=early_stopping,
-            save_every=save_every, method=method, dtype=dtype,
-        )  # fmt: skip
-        check_method_available(method)
+        if dpo:
+            settings = _dpo_settings(lora=lora, lr=lr, epochs=epochs, beta=beta, common=common)
+        else:
+            settings = SFTSettings(
+                lora=lora, lr=2e-4 if lr is None else lr, epochs=3.0 if epochs is None else epochs,
+                packing=packing, early_stopping_patience=early_stopping, method=method, **common,
+            )  # fmt: skip
+            check_method_available(method)
     except (ValueError, TrainingError) as e:
         fail(str(e))
     tags = parse_tags(tag or [])
@@ -141,12 +167,18 @@ def train(
         fail(f"no base model at {model_dir}: run `loraplex model prepare` or pass --model DIR")
     if resume and out is None:
         fail("--resume needs --out: the run folder to continue")
-    _check_data(data, val)
+    _check_data(data, val, kind="preference" if dpo else "auto")
     base = _base_model(reg_settings)
+    identity = base.canonical(str(model_dir))
     if register:
-        _check_registrable(name, base.canonical(str(model_dir)), flags)
+        _check_registrable(name, identity, flags)
     out_dir = out or reg_settings.data_dir() / "runs" / f"{name}-{_stamp()}"
-    result = _run(model_dir, data, val, out_dir, settings, resume=resume, base=base)
+    starting = None
+    if start is not None:
+        starting = _fetch_start(start, out_dir, identity, flags)
+        settings = _with_start(settings, starting)
+    result = _run(model_dir, data, val, out_dir, settings, resume=resume, base=base,
+                  start=starting)  # fmt: skip
     if gate if gate is not None else register:
         verdict = _serving_gate(result, model_dir, data=data, val=val, settings=settings,
                                 forced=force)  # fmt: skip
@@ -201,8 +233,69 @@ _GATE_PROMPTS = 6
 
 
 def _last_user_message(example: Any) -> str | None:
-    users = [m.content for m in getattr(example, "messages", ()) if m.role == "user"]
+    """A chat example's last user message, or a preference pair's (from its prompt)."""
+    messages = getattr(example, "messages", None) or getattr(example, "prompt", ())
+    users = [m.content for m in messages if m.role == "user"]
     return users[-1] if users else None
+
+
+def _check_method_flags(
+    *, dpo: bool, start: str | None, beta: float, packing: bool, early_stopping: int | None,
+    lora: Mapping[str, Any],
+) -> None:  # fmt: skip
+    """Flags that belong to one method only: a clear error instead of a silently ignored flag."""
+    if not dpo:
+        if start is not None:
+            fail("--from continues a registry version with --method dpo only")
+        if beta != 0.1:
+            fail("--beta applies to --method dpo only")
+        return
+    if packing or early_stopping is not None:
+        fail("--packing and --early-stopping apply to SFT (--method lora or qlora) only")
+    changed = [f"--{key.replace('_', '-')}" for key, value in lora.items()
+               if value != _LORA_DEFAULTS[key]]  # fmt: skip
+    if start is not None and changed:
+        fail(
+            f"{', '.join(changed)} shape a fresh adapter; --from {start} continues that "
+            "version's own adapter"
+        )
+
+
+def _dpo_settings(
+    *, lora: Any, lr: float | None, epochs: float | None, beta: float, common: Mapping[str, Any]
+) -> DPOSettings:
+    from trainer.dpo import DPOSettings
+
+    defaults = DPOSettings.__dataclass_fields__
+    return DPOSettings(
+        lora=lora, beta=beta, lr=defaults["lr"].default if lr is None else lr,
+        epochs=defaults["epochs"].default if epochs is None else epochs, **common,
+    )  # fmt: skip
+
+
+def _fetch_start(
+    ref: str, out_dir: Path, identity: str, flags: Mapping[str, Any]
+) -> StartingAdapter:
+    """The version --from names, fetched into the run folder; on another base model: exit 2."""
+    from trainer.dpo import fetch_starting_adapter
+
+    with opened_registry(**flags) as reg:
+        starting = fetch_starting_adapter(reg, ref, out_dir)
+        declared = reg.store.resolve(starting.ref).base_model
+        if not reg.base.same(declared, identity):
+            fail(f"--from {ref}: {starting.ref} is an adapter of {declared!r}, not of "
+                 f"{identity!r}; nothing trained")  # fmt: skip
+    return starting
+
+
+def _with_start(settings: Any, starting: StartingAdapter) -> DPOSettings:
+    """The settings of a run continuing `starting`: its own LoRA shape, its resolved ref."""
+    from dataclasses import replace
+
+    try:
+        return replace(settings, lora=starting.lora, start=starting.ref)
+    except ValueError as e:
+        fail(str(e))
 
 
 def _registry_settings(flags: Mapping[str, Any]) -> RegistrySettings:
@@ -224,12 +317,14 @@ def _base_model(settings: RegistrySettings) -> BaseModel:
     )
 
 
-def _check_data(data: Path, val: Path | None) -> None:
+def _check_data(data: Path, val: Path | None, *, kind: str = "auto") -> None:
     """Every problem of both files (and of their overlap) on stderr, then exit 2. Lengths are
     the trainer's: examples over --max-seq-len are dropped and counted, not refused."""
     from trainer.data import validate
 
-    reports = [validate(data, val=val)] + ([validate(val)] if val is not None else [])
+    reports = [validate(data, val=val, kind=kind)] + (
+        [validate(val, kind=kind)] if val is not None else []
+    )
     problems = [(r.dataset.path, p) for r in reports for p in r.problems]
     for path, problem in problems:
         where = f"{path}:{problem.line}" if problem.line is not None else str(path)
@@ -255,10 +350,12 @@ def _check_registrable(name: str, identity: str, flags: Mapping[str, Any]) -> No
 
 
 def _run(
-    model_dir: Path, data: Path, val: Path | None, out_dir: Path, settings: SFTSettings,
-    *, resume: bool, base: BaseModel,
+    model_dir: Path, data: Path, val: Path | None, out_dir: Path,
+    settings: SFTSettings | DPOSettings, *, resume: bool, base: BaseModel,
+    start: StartingAdapter | None = None,
 ) -> TrainResult:  # fmt: skip
-    """train_sft with a progress bar (step, loss) on stderr; TrainingError -> exit 2."""
+    """train_sft (or train_dpo) with a progress bar (step, loss) on stderr; TrainingError ->
+    exit 2."""
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
@@ -278,6 +375,13 @@ def _run(
             bar.update(task, **fields)
 
         try:
+            if settings.method == "dpo":
+                from trainer.dpo import train_dpo
+
+                return train_dpo(
+                    model_dir=model_dir, train=data, val=val, out_dir=out_dir,
+                    settings=settings, start=start, resume=resume, progress=update, base=base,
+                )  # fmt: skip
             return train_sft(
                 model_dir=model_dir, train=data, val=val, out_dir=out_dir, settings=settings,
                 resume=resume, progress=update, base=base,
@@ -303,6 +407,14 @@ def _print_result(result: TrainResult, version: VersionRecord | None, *, as_json
     lines = [f"adapter   {result.adapter_dir}", f"metrics   {result.metrics_path}",
              f"plot      {result.plot_path}", f"manifest  {result.manifest_path}",
              f"{manifest['steps']} steps" + (f"; {losses}" if losses else "")]  # fmt: skip
+    if manifest.get("method") == "dpo":
+        from trainer.dpo import reward_trend
+
+        trend = reward_trend(json.loads(result.metrics_path.read_text(encoding="utf-8")))
+        data["rewards"] = trend
+        if trend["last_margin"] is not None:
+            lines.append(f"reward margin {trend['first_margin']:.3f} -> {trend['last_margin']:.3f}, "
+                         f"accuracy {trend['first_accuracy']:.2f} -> {trend['last_accuracy']:.2f}")  # fmt: skip
     if version is not None:
         lines.append(version.ref)
     emit(data, "\n".join(lines), as_json=as_json)
