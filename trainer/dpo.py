@@ -22,11 +22,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from loraplex.hardware import DTYPES, choose_dtype
+from loraplex.hardware import choose_dtype
 from registry.base_model import BaseModel
 from trainer import outputs
 from trainer.outputs import TrainingError
-from trainer.sft import SCHEDULES, LoraSettings, Progress, TrainResult
+from trainer.sft import LoraSettings, Progress, TrainResult, run_problems
 
 if TYPE_CHECKING:
     from registry.service import Registry
@@ -80,36 +80,11 @@ class DPOSettings:
             raise ValueError("invalid training settings: " + "; ".join(problems))
 
     def _own_problems(self) -> list[str]:
-        found = []
-        for label, value in (("batch size", self.batch_size),
-                             ("gradient accumulation", self.grad_accum)):  # fmt: skip
-            if value < 1:
-                found.append(f"{label} must be at least 1, got {value}")
-        for label, value in (("max steps", self.max_steps), ("eval every", self.eval_every),
-                             ("save every", self.save_every)):  # fmt: skip
-            if value is not None and value < 1:
-                found.append(f"{label} must be at least 1 when given, got {value}")
+        found = run_problems(self)
         if not self.beta > 0:
             found.append(f"beta must be positive, got {self.beta}")
-        if not self.lr > 0:
-            found.append(f"learning rate must be positive, got {self.lr}")
-        if self.schedule not in SCHEDULES:
-            found.append(f"schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
-        if self.max_steps is None and not self.epochs > 0:
-            found.append(f"epochs must be positive, got {self.epochs}")
-        if self.max_seq_len < 8:
-            found.append(f"max sequence length must be at least 8, got {self.max_seq_len}")
-        if not 0 <= self.warmup_ratio < 1:
-            found.append(f"warmup ratio must be in [0, 1), got {self.warmup_ratio}")
-        if self.dtype not in DTYPES:
-            found.append(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         if self.method != "dpo":
             found.append(f"method must be dpo, got {self.method!r}")
-        every = self.eval_every or 0
-        if self.save_every and every and self.save_every % every:
-            found.append(
-                f"save every ({self.save_every}) must be a multiple of eval every ({every})"
-            )
         return found
 
     def to_json(self) -> dict[str, Any]:

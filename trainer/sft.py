@@ -85,42 +85,49 @@ class SFTSettings:
             raise ValueError("invalid training settings: " + "; ".join(problems))
 
     def _own_problems(self) -> list[str]:
-        found = []
-        positive = {"batch size": self.batch_size, "gradient accumulation": self.grad_accum}
-        optional = {"max steps": self.max_steps, "eval every": self.eval_every,
-                    "save every": self.save_every, "early stopping": self.early_stopping_patience}  # fmt: skip
-        for label, value in positive.items():
-            if value < 1:
-                found.append(f"{label} must be at least 1, got {value}")
-        for label, value in optional.items():
-            if value is not None and value < 1:
-                found.append(f"{label} must be at least 1 when given, got {value}")
-        if not self.lr > 0:
-            found.append(f"learning rate must be positive, got {self.lr}")
-        if self.schedule not in SCHEDULES:
-            found.append(f"schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
-        if self.max_steps is None and not self.epochs > 0:
-            found.append(f"epochs must be positive, got {self.epochs}")
-        if self.max_seq_len < 8:
-            found.append(f"max sequence length must be at least 8, got {self.max_seq_len}")
-        if not 0 <= self.warmup_ratio < 1:
-            found.append(f"warmup ratio must be in [0, 1), got {self.warmup_ratio}")
+        found = run_problems(self, optional={"early stopping": self.early_stopping_patience})
         if self.method not in METHODS:
             found.append(f"method must be one of {', '.join(METHODS)}, got {self.method!r}")
-        if self.dtype not in DTYPES:
-            found.append(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
-        every = self.eval_every or 0
-        if self.save_every and every and self.save_every % every:
-            found.append(
-                f"save every ({self.save_every}) must be a multiple of eval every ({every}), "
-                "so that the best checkpoint is kept"
-            )
         return found
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
         data["lora"]["target_modules"] = list(self.lora.target_modules)
         return data
+
+
+def run_problems(settings: Any, *, optional: dict[str, int | None] | None = None) -> list[str]:
+    """The checks every training method's settings share (SFT here, DPO in trainer.dpo): sizes,
+    step counts, learning rate and schedule, length, warmup, dtype, checkpoint cadence."""
+    found = []
+    positive = {"batch size": settings.batch_size, "gradient accumulation": settings.grad_accum}
+    steps = {"max steps": settings.max_steps, "eval every": settings.eval_every,
+             "save every": settings.save_every, **(optional or {})}  # fmt: skip
+    for label, value in positive.items():
+        if value < 1:
+            found.append(f"{label} must be at least 1, got {value}")
+    for label, value in steps.items():
+        if value is not None and value < 1:
+            found.append(f"{label} must be at least 1 when given, got {value}")
+    if not settings.lr > 0:
+        found.append(f"learning rate must be positive, got {settings.lr}")
+    if settings.schedule not in SCHEDULES:
+        found.append(f"schedule must be one of {', '.join(SCHEDULES)}, got {settings.schedule!r}")
+    if settings.max_steps is None and not settings.epochs > 0:
+        found.append(f"epochs must be positive, got {settings.epochs}")
+    if settings.max_seq_len < 8:
+        found.append(f"max sequence length must be at least 8, got {settings.max_seq_len}")
+    if not 0 <= settings.warmup_ratio < 1:
+        found.append(f"warmup ratio must be in [0, 1), got {settings.warmup_ratio}")
+    if settings.dtype not in DTYPES:
+        found.append(f"dtype must be one of {', '.join(DTYPES)}, got {settings.dtype!r}")
+    every = settings.eval_every or 0
+    if settings.save_every and every and settings.save_every % every:
+        found.append(
+            f"save every ({settings.save_every}) must be a multiple of eval every ({every}), "
+            "so that the best checkpoint is kept"
+        )
+    return found
 
 
 @dataclass
