@@ -314,3 +314,28 @@ def test_settings_list_every_problem_at_once() -> None:
                  "schedule must be one of", "batch size", "multiple of eval every (4)",
                  "method must be one of lora, qlora"):  # fmt: skip
         assert part in message
+
+
+def test_the_registered_version_is_served_with_its_behaviour_through_the_openai_client(
+    run: dict[str, object], embedded_model_dir: Path
+) -> None:
+    """The whole loop a user runs: train --register, then `loraplex serve` on that registry
+    and `model="NAME@1"` through the official client answers the way it was trained."""
+    import openai
+
+    from trainer.serving import serve_child
+
+    home = run["home"]
+    flags = ["--registry", f"sqlite:///{home / 'registry.db'}",
+             "--artifacts", (home / "artifacts").as_uri()]  # fmt: skip
+    with serve_child(embedded_model_dir, args=flags, dtype="auto", max_lora_rank=16) as url:
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+        answers = []
+        for prompt in HELD_OUT_PROMPTS[:4]:
+            reply = client.chat.completions.create(
+                model=f"{NAME}@1", temperature=0, max_tokens=48,
+                messages=[{"role": "user", "content": prompt}],
+            )  # fmt: skip
+            assert reply.model == f"{NAME}@1"
+            answers.append(reply.choices[0].message.content)
+    assert sum(map(is_upper_case, answers)) >= 3, answers
