@@ -207,7 +207,8 @@ class ExperimentRecorder:
             write = asyncio.ensure_future(
                 asyncio.to_thread(
                     self._store.record,
-                    users=_user_deltas(batch), counters=_counter_deltas(batch),
+                    users=_user_deltas(batch),
+                    counters=_counter_deltas(batch),
                     completions=batch.completions,
                 )  # fmt: skip
             )
