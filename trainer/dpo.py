@@ -26,7 +26,7 @@ from loraplex.hardware import choose_dtype
 from registry.base_model import BaseModel
 from trainer import outputs
 from trainer.outputs import TrainingError
-from trainer.sft import LoraSettings, Progress, TrainResult, run_problems
+from trainer.sft import LoraSettings, Progress, TrainResult, resolve_dtype, run_problems
 
 if TYPE_CHECKING:
     from registry.service import Registry
@@ -200,7 +200,7 @@ def train_dpo(
         record["from"] = start.to_json()
     checkpoint = outputs.prepare_run_dir(out_dir, record, resume=resume)
     choice = choose_dtype(settings.dtype, cuda=torch.cuda.is_available())
-    dtype = _resolve_dtype(choice.dtype)
+    dtype = resolve_dtype(choice.dtype)
     trainer = _build_trainer(
         model_dir=model_dir, tokenizer=tokenizer, train_set=train_set, val_set=val_set,
         out_dir=out_dir, settings=settings, start=start, dtype=dtype, progress=progress,
@@ -236,14 +236,6 @@ def _manifest_extra(settings: DPOSettings, start: StartingAdapter | None) -> dic
         "from": start.to_json() if start else None,
         "reference": f"{start.ref} (frozen)" if start else "base model (adapter disabled)",
     }
-
-
-def _resolve_dtype(chosen: str) -> str:
-    if chosen != "auto":
-        return chosen
-    import torch
-
-    return "bfloat16" if torch.cuda.is_bf16_supported() else "float32"
 
 
 def _load_split(

@@ -225,7 +225,7 @@ def train_sft(
     record = outputs.run_record(settings=settings.to_json(), datasets=datasets, base_model=identity)
     checkpoint = outputs.prepare_run_dir(out_dir, record, resume=resume)
     choice = choose_dtype(settings.dtype, cuda=torch.cuda.is_available())
-    dtype = _resolve_dtype(choice.dtype)
+    dtype = resolve_dtype(choice.dtype)
     trainer = _build_trainer(
         model_dir=model_dir, tokenizer=tokenizer, train_set=train_set, val_set=val_set,
         out_dir=out_dir, settings=settings, dtype=dtype, progress=progress,
@@ -251,7 +251,7 @@ def train_sft(
     )  # fmt: skip
 
 
-def _resolve_dtype(chosen: str) -> str:
+def resolve_dtype(chosen: str) -> str:
     """The core's choice, made concrete: on a GPU "auto" is bf16 where it is supported."""
     if chosen != "auto":
         return chosen
