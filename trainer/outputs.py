@@ -226,8 +226,12 @@ def write_outputs(
         "best_val_loss": summary["best_val_loss"],
         "final_val_loss": summary["final_val_loss"],
         "best_step": summary["best_step"],
+        "best_checkpoint": f"{CHECKPOINTS}/{_CHECKPOINT_PREFIX}{summary['best_step']}"
+        if summary["best_step"] is not None
+        else None,
         "adapter_step": summary["best_step"] or summary["steps"],
         "steps": summary["steps"],
+        "early_stopped": summary["early_stopped"],
         "resumed_from_step": resumed_from_step,
     } | dict(extra or {})
     _write_json(out_dir / MANIFEST, manifest)
