@@ -260,6 +260,68 @@ def gc(
     emit(report.to_json(), "\n".join(lines), as_json=json_output)
 
 
+@app.command()
+def migrate(
+    check: Annotated[
+        bool,
+        typer.Option(
+            "--check", help="change nothing; exit 0 only if this release can use it as is"
+        ),
+    ] = False,
+    json_output: JsonOpt = False,
+    registry: RegistryOpt = None,
+    home: HomeOpt = None,
+) -> None:
+    """Upgrade the registry schema to this release's (run before servers roll); idempotent."""
+    from registry import db
+    from registry.settings import RegistrySettings
+
+    flags = {"home": home, "registry": registry}
+    try:
+        settings = RegistrySettings(**{k: v for k, v in flags.items() if v is not None})
+    except ValidationError as e:
+        problems = "; ".join(f"{'.'.join(map(str, p['loc']))}: {p['msg']}" for p in e.errors())
+        fail(f"invalid setting: {problems}")
+    try:
+        engine = db.create_registry_engine(settings.database_url())
+        try:
+            with db.database_errors(f"at {db.safe_url(engine)}"):
+                if check:
+                    state = db.schema_state(engine)
+                    result = db.Migration(state, state)
+                else:
+                    result = db.migrate(engine)
+        finally:
+            engine.dispose()
+    except RegistryError as e:
+        fail(" ".join(str(e).split()), code=EXIT_SERVICE_ERROR)
+    data = result.to_json() | {"database": db.safe_url(engine)}
+    emit(data, describe_migration(result), as_json=json_output)
+    if check and result.after.status == "incompatible":
+        fail(result.after.refusal(), code=EXIT_SERVICE_ERROR)
+    if check and result.after.status == "behind":
+        raise typer.Exit(EXIT_SERVICE_ERROR)
+
+
+def describe_migration(result: Any) -> str:
+    """`registry schema 0003 -> 0004`, or why nothing changed."""
+    from registry import db
+
+    before, after = result.before, result.after
+    if result.changed:
+        return f"registry schema {before.revision or '(empty)'} -> {after.revision}"
+    if after.status == "newer":
+        return (
+            f"registry schema {after.revision} is newer than this release's and readable by it "
+            f"(min reader {after.min_reader}); nothing to do"
+        )
+    if after.status == "current":
+        return f"registry schema {after.revision}: up to date"
+    if after.status == "behind":
+        return f"registry schema {after.revision or '(empty)'}: needs migrating to {db.SCHEMA_HEAD}"
+    return f"registry schema {after.revision}: not usable by this release"
+
+
 def details_suffix(details: Mapping[str, Any] | None) -> str:
     """` (experiment 3: promote)` for a move an experiment decided; "" for a plain one."""
     if not details or "experiment" not in details:
