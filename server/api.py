@@ -10,11 +10,12 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
 from fastapi.security import HTTPAuthorizationCredentials
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from server.ab.assignment import MAX_USER_KEY_CHARS
 from server.auth import bearer_scheme, check_bearer
 from server.errors import InvalidRequestError, LoraplexError, error_body
+from server.metrics import render_metrics
 from server.openai_service import CompletionService, Prepared
 from server.protocol import ChatCompletionRequest, CompletionRequest
 from server.state import AppState
@@ -164,5 +165,8 @@ async def ready(state: StateDep) -> JSONResponse:
 
 @router.get("/metrics")
 async def metrics(state: StateDep) -> Response:
+    """The server's instruments and the engine's vLLM-named ones (`vllm:*`, which routers such
+    as the Gateway API Inference Extension's endpoint picker read), ready or not."""
     state.metrics.engine_ready.set(1 if state.engine.ready else 0)
-    return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+    body = render_metrics(state.metrics.registry, state.engine)
+    return Response(body, media_type=CONTENT_TYPE_LATEST)

@@ -7,7 +7,7 @@ implementation lives in `server.engine_vllm`, a deterministic fake in `server.en
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -144,3 +144,7 @@ class Engine(Protocol):
     async def abort_all(self, reason: str) -> None:
         """End every generation in progress: each raises `EngineNotReadyError(reason)` (the
         server is stopping and its drain time is up)."""
+
+    def metric_families(self) -> Iterable[Any]:
+        """The engine's Prometheus families under vLLM's names and semantics (`vllm:*`, see
+        `server.metrics`), for /metrics; the scalar gauges read 0 while not ready."""

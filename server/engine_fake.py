@@ -6,16 +6,19 @@ Tokens are whitespace-separated words (id = position in a growing vocabulary). T
 prompt is a fixed sentence, prefixed with `[KEY]` when an adapter is used, truncated at
 `max_tokens` words or at the first stop string. `kill()` makes it die as a vLLM engine whose
 core process exited: dead for good, in-flight generations fail with `EngineDeadError`.
+Its `vllm:*` metrics come from its own counts: running = generations in progress (it queues
+nothing), the LoRA series from the adapters those generations use, KV-cache use 0.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Iterable, Sequence
 from typing import Any
 
 from server.engine import AdapterHandle, GenerationDelta, GenerationRequest, ModelInfo
 from server.errors import AdapterLoadError, EngineDeadError, EngineNotReadyError, OverloadedError
+from server.metrics import LoraRequestsInfo, engine_gauges
 
 ANSWER = "the quick brown fox jumps over the lazy dog"
 
@@ -41,6 +44,8 @@ class FakeEngine:
         self._start_delay = start_delay
         self._max_in_flight = max_in_flight
         self._in_flight = 0
+        self._running_adapters: list[str] = []  # adapter key per generation in progress
+        self._lora_info = LoraRequestsInfo(max_lora=self._info.max_loras)
         self._ready = False
         self._dead: str | None = None  # why it died; set by kill()
         self._aborted: str | None = None  # why generations in progress end; set by abort_all()
@@ -108,12 +113,22 @@ class FakeEngine:
             words = [f"[{request.adapter.key}]", *words]
         request.stats.prompt_tokens = len(request.prompt_token_ids)
         self._in_flight += 1
+        self._track(request, started=True)
         try:
             for index in range(request.options.n):
                 async for delta in self._choice(index, words, request):
                     yield delta
         finally:
             self._in_flight -= 1
+            self._track(request, started=False)
+
+    def _track(self, request: GenerationRequest, *, started: bool) -> None:
+        if request.adapter is not None:
+            if started:
+                self._running_adapters.append(request.adapter.key)
+            else:
+                self._running_adapters.remove(request.adapter.key)
+        self._lora_info.record(self._running_adapters)
 
     async def _choice(
         self, index: int, words: list[str], request: GenerationRequest
@@ -152,3 +167,11 @@ class FakeEngine:
 
     async def abort_all(self, reason: str) -> None:
         self._aborted = reason
+
+    def metric_families(self) -> Iterable[Any]:
+        running = self._in_flight if self.ready else 0
+        families = engine_gauges(
+            model_name=self._info.served_name, running=running, waiting=0, kv_cache_usage=0.0
+        )
+        lora = self._lora_info.family() if self.ready else None
+        return families if lora is None else [*families, lora]

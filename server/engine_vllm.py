@@ -15,7 +15,7 @@ import logging
 import multiprocessing
 import os
 import signal
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,6 +35,7 @@ from server.errors import (
     InvalidRequestError,
     OverloadedError,
 )
+from server.metrics import VLLM_PREFIX, engine_gauges, with_legacy_kv_name
 
 log = logging.getLogger(__name__)
 
@@ -324,6 +325,19 @@ class VllmEngine:
         self._aborted = reason
         if self._llm is not None and self._in_flight:
             await self._llm.abort(list(self._in_flight))  # each ends with finish_reason "abort"
+
+    # -- metrics ------------------------------------------------------------------------------
+
+    def metric_families(self) -> Iterable[Any]:
+        """vLLM's own metrics, as its PrometheusStatLogger keeps them in prometheus_client's
+        global registry (one engine per process: a new engine replaces the previous one's)."""
+        if not self.ready:
+            return engine_gauges(
+                model_name=self._settings.served_name, running=0, waiting=0, kv_cache_usage=0.0
+            )
+        from prometheus_client import REGISTRY
+
+        return with_legacy_kv_name(f for f in REGISTRY.collect() if f.name.startswith(VLLM_PREFIX))
 
     def _logprobs(self, choice: Any, top_k: int | None) -> tuple[TokenLogprob, ...]:
         if top_k is None or not choice.logprobs:
