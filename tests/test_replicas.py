@@ -1,0 +1,344 @@
+"""Several replicas act as one: two `loraplex serve` processes (real vLLM CPU engines) on one
+PostgreSQL database and one S3 API (moto's server), driven through the official `openai` client
+and the admin API of either replica.
+
+A promotion or rollback through one is served by both; a user gets the same variant on both;
+feedback given through one shows in the status read through the other; an automatic decision is
+taken once; and a replica killed mid-load loses no registry or experiment state while the other
+keeps serving. The replicas start once for the module (~1-2 min on 2 cores); the last test kills
+one of them.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import subprocess
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterator
+
+import boto3
+import httpx
+import openai
+import pytest
+from sqlalchemy import text
+
+from registry.service import Registry
+from registry.settings import RegistrySettings
+from tests.registry.conftest import postgres_server, s3_endpoint  # noqa: F401 - fixtures
+from tests.support.adapters import ADAPTER_SPECS, build_test_adapters
+from tests.support.replicas import LORAPLEX, Replica, postgres_database, replica_pair
+from tests.support.servers import wait_for
+
+pytestmark = [pytest.mark.engine, pytest.mark.postgres]
+
+S3_ENV = {
+    "AWS_ACCESS_KEY_ID": "testing",
+    "AWS_SECRET_ACCESS_KEY": "testing",
+    "AWS_DEFAULT_REGION": "us-east-1",
+}
+ROLLING, SPLIT, AUTO = "rolling", "split", "auto"  # one adapter name per concern
+
+
+class Deployment:
+    """Both replicas, the registry they share (opened here too), and how to reach it."""
+
+    def __init__(self, replicas: list[Replica], registry: Registry, database_url: str):
+        self.a, self.b = replicas
+        self.replicas = replicas
+        self.registry = registry
+        self.database_url = database_url
+
+    @property
+    def experiments(self):
+        return self.registry.store.experiments
+
+
+@pytest.fixture(scope="module")
+def deployment(request, tmp_path_factory, embedded_model_dir) -> Iterator[Deployment]:
+    postgres = request.getfixturevalue("postgres_server")
+    endpoint = request.getfixturevalue("s3_endpoint")
+    root = tmp_path_factory.mktemp("replicas")
+    specs = {name: ADAPTER_SPECS[name] for name in ("caps", "prefix")}
+    from tests.conftest import test_cache_root
+
+    adapters = build_test_adapters(embedded_model_dir, test_cache_root() / "adapters", specs=specs)
+    s3 = {**S3_ENV, "AWS_ENDPOINT_URL": endpoint}
+    bucket = f"loraplex-replicas-{root.name[-8:].lower()}"
+    with pytest.MonkeyPatch.context() as patch, postgres_database(postgres) as url:
+        for key, value in s3.items():
+            patch.setenv(key, value)
+        boto3.client("s3").create_bucket(Bucket=bucket)
+        artifacts = f"s3://{bucket}/adapters"
+        settings = RegistrySettings(home=root / "tester", registry=url, artifacts=artifacts)
+        with Registry.open(settings) as registry:
+            for name in (ROLLING, SPLIT, AUTO):
+                registry.register(name, adapters["caps"], actor="setup")
+                registry.register(name, adapters["prefix"], actor="setup")
+                registry.store.promote(name, 1, actor="setup", reason="first release")
+            started = time.monotonic()
+            with replica_pair(
+                root, model_dir=embedded_model_dir, database_url=url, artifacts_url=artifacts,
+                s3=s3,
+            ) as replicas:  # fmt: skip
+                print(f"two replicas ready in {time.monotonic() - started:.1f} s")
+                yield Deployment(replicas, registry, url)
+
+
+def ask(replica: Replica, model: str, user: str | None = None) -> tuple[str, str | None, str]:
+    """(model that answered, x-loraplex-variant, completion id): a one-token chat completion."""
+    extra = {"user": user} if user is not None else {}
+    raw = replica.client.chat.completions.with_raw_response.create(
+        model=model, messages=[{"role": "user", "content": "hi"}], max_tokens=1, **extra
+    )
+    reply = raw.parse()
+    return reply.model, raw.headers.get("x-loraplex-variant"), reply.id
+
+
+def served_everywhere(deployment: Deployment, model: str, expected: str) -> dict[str, float]:
+    """Poll every replica until `model` answers as `expected`; seconds each one took."""
+    started = time.monotonic()
+    lags: dict[str, float] = {}
+    while len(lags) < len(deployment.replicas):
+        for replica in deployment.replicas:
+            if replica.name not in lags and ask(replica, model)[0] == expected:
+                lags[replica.name] = time.monotonic() - started
+        if time.monotonic() - started > 60:
+            raise AssertionError(f"{model} not {expected} everywhere after 60 s: {lags}")
+        time.sleep(0.05)
+    return lags
+
+
+def start_experiment(replica: Replica, name: str, **body) -> dict:
+    response = replica.admin("POST", "/experiments", json={"name": name, **body})
+    assert response.status_code == 201, response.text
+    return response.json()
+
+
+def applied_everywhere(deployment: Deployment, name: str, experiment_id: int) -> None:
+    def applied() -> bool:
+        for replica in deployment.replicas:
+            raw = replica.client.chat.completions.with_raw_response.create(
+                model=name, messages=[{"role": "user", "content": "hi"}], max_tokens=1,
+                user="probe",
+            )  # fmt: skip
+            if raw.headers.get("x-loraplex-experiment") != str(experiment_id):
+                return False
+        return True
+
+    wait_for(applied, timeout=60, every=0.2)
+
+
+def test_a_promotion_and_a_rollback_through_one_replica_are_served_by_both(deployment):
+    assert {r.name: ask(r, ROLLING)[0] for r in deployment.replicas} == {
+        "a": f"{ROLLING}@1", "b": f"{ROLLING}@1",
+    }  # fmt: skip
+    promoted = deployment.a.admin("POST", f"/adapters/{ROLLING}/promote", json={"version": 2})
+    assert promoted.status_code == 200, promoted.text
+    lags = served_everywhere(deployment, ROLLING, f"{ROLLING}@2")
+    print(f"promote through a: served by a after {lags['a']:.2f} s, by b after {lags['b']:.2f} s")
+
+    rolled = deployment.b.admin("POST", f"/adapters/{ROLLING}/rollback", json={})
+    assert rolled.status_code == 200, rolled.text
+    assert rolled.json()["to_version"] == 1
+    lags = served_everywhere(deployment, ROLLING, f"{ROLLING}@1")
+    print(f"rollback through b: served by a after {lags['a']:.2f} s, by b after {lags['b']:.2f} s")
+    history = deployment.registry.store.history(ROLLING)
+    assert [(m.kind, m.to_version, m.actor) for m in history[-2:]] == [
+        ("promote", 2, "a"), ("rollback", 1, "b"),
+    ]  # fmt: skip
+
+
+def test_a_user_gets_the_same_variant_on_both_replicas(deployment):
+    started = start_experiment(deployment.a, SPLIT, variants={"1": 1.0, "2": 1.0})
+    applied_everywhere(deployment, SPLIT, started["id"])
+    users = [f"user-{i}" for i in range(40)]
+    on_a = {u: ask(deployment.a, SPLIT, u)[:2] for u in users}
+    on_b = {u: ask(deployment.b, SPLIT, u)[:2] for u in users}
+    assert on_a == on_b
+    assert Counter(v for _, v in on_a.values()).keys() == {"0", "1"}
+    assert all(model == f"{SPLIT}@{int(v) + 1}" for model, v in on_a.values())
+
+
+def test_feedback_through_one_replica_counts_in_the_status_read_from_the_other(deployment):
+    experiment = deployment.experiments.running(SPLIT)
+    assert experiment is not None, "runs after the stickiness test, on its experiment"
+
+    def feedback() -> dict[str, tuple[int, float]]:
+        status = deployment.b.admin("GET", f"/experiments/{SPLIT}")
+        assert status.status_code == 200, status.text
+        return {str(v["index"]): (v["feedback"], v["mean_feedback"] or 0.0)
+                for v in status.json()["variants"]}  # fmt: skip
+
+    before = feedback()
+    given: dict[str, list[float]] = {"0": [], "1": []}
+    for i in range(12):
+        _, variant, completion = ask(deployment.a, SPLIT, f"rater-{i}")
+        score = (i % 4) / 4
+        rated = httpx.post(
+            f"{deployment.a.url}/v1/feedback", json={"completion_id": completion, "score": score}
+        )
+        assert rated.status_code == 200, rated.text
+        given[variant].append(score)
+
+    def expected() -> dict[str, tuple[int, float]]:
+        out = {}
+        for variant, (count, mean) in before.items():
+            total = count + len(given[variant])
+            out[variant] = (total, (count * mean + sum(given[variant])) / total if total else 0.0)
+        return out
+
+    wait_for(lambda: _close(feedback(), expected()), timeout=30)
+    cli = subprocess.run(
+        [LORAPLEX, "ab", "status", SPLIT, "--json", "--registry", deployment.database_url],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert cli.returncode == 0, cli.stderr
+    by_cli = {str(v["index"]): v["feedback"] for v in json.loads(cli.stdout)["variants"]}
+    assert by_cli == {v: count for v, (count, _) in expected().items()}
+
+
+def _close(got: dict[str, tuple[int, float]], want: dict[str, tuple[int, float]]) -> bool:
+    return got.keys() == want.keys() and all(
+        got[k][0] == want[k][0] and abs(got[k][1] - want[k][1]) < 1e-9 for k in got
+    )
+
+
+def test_an_automatic_decision_is_taken_exactly_once(deployment):
+    config = {"auto": True, "window_seconds": 0.5, "dwell_seconds": 0, "final_dwell_seconds": 0,
+              "min_users_per_arm": 15, "guardrails": {}}  # fmt: skip
+    started = start_experiment(
+        deployment.b, AUTO, control=1, candidate=2, ramp=[50.0], config=config
+    )
+    applied_everywhere(deployment, AUTO, started["id"])
+    experiment_id = started["id"]
+    sent = 0
+
+    def decided() -> bool:  # the candidate always pleases, the control never
+        nonlocal sent
+        for _ in range(6):
+            sent += 1
+            served_by = deployment.replicas[sent % 2]
+            model, _, completion = ask(served_by, AUTO, f"sim-{sent}")
+            rater = deployment.replicas[(sent // 2) % 2]  # often not the one that served
+            score = 1.0 if model == f"{AUTO}@2" else 0.0
+            httpx.post(
+                f"{rater.url}/v1/feedback", json={"completion_id": completion, "score": score}
+            )
+        return not deployment.experiments.get(experiment_id).running
+
+    wait_for(decided, timeout=240, every=0)
+    print(f"automatic promotion after {sent} requests")
+    final = deployment.experiments.get(experiment_id)
+    assert final.status == "promoted"
+    ends = [e for e in deployment.experiments.events(experiment_id) if e.kind == "end"]
+    assert len(ends) == 1
+    moves = [
+        m for m in deployment.registry.store.history(AUTO)
+        if m.details and m.details.get("experiment") == experiment_id
+    ]  # fmt: skip
+    assert [(m.kind, m.to_version) for m in moves] == [("promote", 2)]
+    time.sleep(2.5)  # two more analysis passes on each replica: nothing more may happen
+    assert len(deployment.registry.store.history(AUTO)) == 2  # setup's promotion, then this
+    actions = {
+        r.name: r.metric("loraplex_ab_actions_total", {"experiment": str(experiment_id)})
+        for r in deployment.replicas
+    }
+    assert sorted(actions.values()) == [0, 1], actions  # one acted, the other did nothing
+    served_everywhere(deployment, AUTO, f"{AUTO}@2")
+
+
+def _slice_matches_counters(deployment: Deployment, experiment_id: int) -> None:
+    """Every flush wrote users and counters together: per variant, the analysed slice's request
+    count is the counters' keyed, in-slice share (no half-written flush)."""
+    with deployment.registry.store.engine.connect() as conn:
+        users = dict(conn.execute(text(
+            "SELECT variant, sum(requests) FROM experiment_users WHERE experiment_id = :e"
+            " GROUP BY variant"), {"e": experiment_id}).all())  # fmt: skip
+        counters = dict(conn.execute(text(
+            "SELECT variant, requests - unkeyed_requests - unanalysed_requests"
+            " FROM experiment_counters WHERE experiment_id = :e"), {"e": experiment_id}).all())  # fmt: skip
+    assert users == counters
+
+
+def test_killing_one_replica_mid_load_loses_no_state_and_the_other_keeps_serving(deployment):
+    store = deployment.experiments
+    experiment = store.running(SPLIT)
+    assert experiment is not None
+    routing_before = deployment.registry.store.routing_snapshot().aliases
+    history_before = {n: len(deployment.registry.store.history(n)) for n in (ROLLING, SPLIT, AUTO)}
+    recorded_before = sum(t.requests for t in store.totals(experiment.id).values())
+    a_before = deployment.a.metric("loraplex_ab_requests_total", {"experiment": str(experiment.id)})
+    _slice_matches_counters(deployment, experiment.id)
+
+    stop = threading.Event()
+    outcomes: dict[str, list[tuple[float, bool]]] = {"a": [], "b": []}
+    sticky: dict[str, str] = {}
+    problems: list[str] = []
+
+    def load(replica: Replica, seed: int) -> None:
+        rng = random.Random(seed)
+        while not stop.is_set():
+            user = f"load-{rng.randrange(30)}"
+            try:
+                model, variant, _ = ask(replica, SPLIT, user)
+            except (openai.APIError, httpx.HTTPError) as e:
+                outcomes[replica.name].append((time.monotonic(), False))
+                if replica.name == "a":
+                    problems.append(f"a failed: {e!r}")
+                else:
+                    time.sleep(0.05)
+                continue
+            outcomes[replica.name].append((time.monotonic(), True))
+            if sticky.setdefault(user, variant) != variant:
+                problems.append(f"{user} moved from variant {sticky[user]} to {variant}")
+
+    threads = [threading.Thread(target=load, args=(r, i)) for i, r in
+               enumerate(deployment.replicas * 2)]  # fmt: skip
+    for thread in threads:
+        thread.start()
+    try:
+        wait_for(lambda: all(sum(ok for _, ok in outcomes[n]) >= 10 for n in "ab"), timeout=120)
+        killed_at = time.monotonic()
+        deployment.b.kill()
+        wait_for(lambda: sum(ok for t, ok in outcomes["a"] if t > killed_at + 1) >= 20, timeout=120)
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(timeout=60)
+
+    assert problems == []
+    a_ok = sum(ok for _, ok in outcomes["a"])
+    b_ok = sum(ok for _, ok in outcomes["b"])
+    b_after = sum(ok for t, ok in outcomes["b"] if t > killed_at + 1)
+    print(f"load: a served {a_ok} (0 failed), b served {b_ok} before SIGKILL, {b_after} after")
+    assert b_after == 0 and any(not ok for _, ok in outcomes["b"])
+    # The survivor counted and flushed every request it served.
+    a_now = deployment.a.metric("loraplex_ab_requests_total", {"experiment": str(experiment.id)})
+    assert a_now - a_before == a_ok
+
+    def recorded() -> int:
+        return sum(t.requests for t in store.totals(experiment.id).values()) - recorded_before
+
+    wait_for(lambda: recorded() >= a_ok, timeout=30)
+    time.sleep(1.5)  # one more flush period: nothing else may arrive
+    # Everything a recorded, plus what b had flushed before it died (at most a flush's worth lost).
+    assert a_ok <= recorded() <= a_ok + b_ok
+    print(f"recorded {recorded()} of {a_ok + b_ok} served ({a_ok + b_ok - recorded()} lost with b)")
+    _slice_matches_counters(deployment, experiment.id)
+    # The registry is as it was, the survivor still analyses, and the killed replica left no lock.
+    assert deployment.registry.store.routing_snapshot().aliases == routing_before
+    assert {n: len(deployment.registry.store.history(n)) for n in history_before} == history_before
+    analysed = store.get(experiment.id).analysed_at
+
+    def analysed_again() -> bool:
+        now = store.get(experiment.id).analysed_at
+        return now is not None and (analysed is None or now > analysed)
+
+    wait_for(analysed_again, timeout=30)
+    assert httpx.get(f"{deployment.a.url}/ready").status_code == 200
+    promoted = deployment.a.admin("POST", f"/adapters/{ROLLING}/promote", json={"version": 2})
+    assert promoted.status_code == 200, promoted.text
+    wait_for(lambda: ask(deployment.a, ROLLING)[0] == f"{ROLLING}@2", timeout=30)
