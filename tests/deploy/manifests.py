@@ -7,6 +7,7 @@ fails the test that needs it with the install command, never skips it.
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
@@ -17,7 +18,10 @@ from pathlib import Path
 from typing import Any
 
 import promql_parser
+import pytest
 import yaml
+
+from server.settings import ServeSettings
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
@@ -136,6 +140,16 @@ def dockerfile_env() -> dict[str, str]:
             for key, value in re.findall(r"([A-Za-z_][A-Za-z0-9_]*)=(\S+)", args):
                 env[key] = value
     return env
+
+
+def settings_from(env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> ServeSettings:
+    """The server's settings in a process whose LORAPLEX_* environment is exactly `env`'s."""
+    for key in list(os.environ):
+        if key.startswith("LORAPLEX_"):
+            monkeypatch.delenv(key)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    return ServeSettings()
 
 
 # --- metrics --------------------------------------------------------------------------------

@@ -6,7 +6,6 @@ images, the GPU request, the Jobs' commands, the autoscaler's metric.
 
 from __future__ import annotations
 
-import os
 import re
 import subprocess
 import sys
@@ -29,6 +28,7 @@ from tests.deploy.manifests import (
     find,
     parse_loraplex_command,
     render,
+    settings_from,
 )
 
 # Oldest Kubernetes the manifests are meant for, and the newest schemas installed.
@@ -55,15 +55,6 @@ def container_env(objects: list[dict], container: dict) -> dict[str, str]:
             ref = item["valueFrom"]["secretKeyRef"]
             env[item["name"]] = SECRET["stringData"][ref["key"]]
     return env
-
-
-def settings_from(env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> ServeSettings:
-    for key in list(os.environ):
-        if key.startswith("LORAPLEX_"):
-            monkeypatch.delenv(key)
-    for key, value in env.items():
-        monkeypatch.setenv(key, value)
-    return ServeSettings()
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
