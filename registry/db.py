@@ -52,7 +52,13 @@ def open_engine(url: str) -> Engine:
     engine = create_registry_engine(url)
     try:
         if current_revision(engine) != SCHEMA_HEAD:
-            migrate(engine)
+            state = schema_state(engine)  # a newer schema needs no write lock to be accepted
+            if state.status == "incompatible":
+                raise RegistryDatabaseError(state.refusal())
+            if state.status == "newer":
+                _log_newer(state)
+            else:
+                migrate(engine)
     except (OperationalError, InterfaceError, PoolTimeoutError) as e:
         engine.dispose()
         raise RegistryUnavailableError(
@@ -216,11 +222,7 @@ def migrate(engine: Engine, *, revision: str = "head") -> Migration:
         if before.status == "incompatible":
             raise RegistryDatabaseError(before.refusal())
         if before.status == "newer":
-            log.info(
-                "registry schema %s is newer than this loraplex's %s and declared usable by it "
-                "(min reader %s): using it as is",
-                before.revision, SCHEMA_HEAD, before.min_reader,
-            )  # fmt: skip
+            _log_newer(before)
             return Migration(before, before)
         config.attributes["connection"] = conn
         try:
@@ -236,6 +238,14 @@ def migrate(engine: Engine, *, revision: str = "head") -> Migration:
 def upgrade_schema(engine: Engine, *, revision: str = "head") -> None:
     """`migrate`, for callers that only need it done."""
     migrate(engine, revision=revision)
+
+
+def _log_newer(state: SchemaState) -> None:
+    log.info(
+        "registry schema %s is newer than this loraplex's %s and declared usable by it "
+        "(min reader %s): using it as is",
+        state.revision, SCHEMA_HEAD, state.min_reader,
+    )  # fmt: skip
 
 
 def _alembic_config() -> Any:

@@ -36,6 +36,7 @@ from registry.db import (
 from registry.errors import RegistryDatabaseError
 from registry.service import Registry
 from registry.settings import RegistrySettings
+from tests.support.registry_stack import RegistryStack
 from tests.support.servers import wait_for
 
 LORAPLEX = str(Path(sys.executable).with_name("loraplex"))
@@ -119,6 +120,12 @@ def test_this_code_works_on_a_newer_expand_only_schema(
         assert registry.store.rollback("rolling", actor="bo").to_version == 1
         assert registry.store.resolve("rolling@2").number == 2
         assert current_revision(registry.store.engine) == FUTURE  # neither upgraded nor downgraded
+        stack = RegistryStack(tmp_path / "server", registry).serve()  # a server starts on it
+        try:
+            assert stack.served("rolling") == "rolling@1"
+            assert stack.served("rolling@2") == "rolling@2"
+        finally:
+            stack.stop()
 
     engine = create_registry_engine(database_url)
     try:
