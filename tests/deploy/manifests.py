@@ -246,3 +246,32 @@ def parse_loraplex_command(args: list[str]) -> tuple[list[str], dict[str, Any]]:
         command = command.commands[rest.pop(0)]
     with command.make_context(" ".join(["loraplex", *path]), rest) as ctx:
         return path, dict(ctx.params)
+
+
+def label_uses(expr: str) -> list[tuple[frozenset[str], frozenset[str]]]:
+    """(label names, metric names they must exist on) for each selector's matchers and each
+    `by (...)` aggregation of a PromQL expression."""
+    uses: list[tuple[frozenset[str], frozenset[str]]] = []
+
+    def visit(node: Any) -> None:
+        if isinstance(node, promql_parser.VectorSelector) and node.name:
+            labels = {m.name for m in node.matchers.matchers} - {"__name__"}
+            uses.append((frozenset(labels), frozenset({node.name})))
+        elif isinstance(node, promql_parser.AggregateExpr) and node.modifier is not None:
+            if node.modifier.type == promql_parser.AggModifierType.By:
+                inner = metric_names(node.expr.prettify())
+                uses.append((frozenset(node.modifier.labels), frozenset(inner)))
+
+    promql_parser.walk(promql_parser.parse(expr), visit)
+    return uses
+
+
+def sample_labels(text: str) -> dict[str, set[str]]:
+    """Sample name -> the label names its samples carry on a /metrics exposition."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    labels: dict[str, set[str]] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            labels.setdefault(sample.name, set()).update(sample.labels)
+    return labels

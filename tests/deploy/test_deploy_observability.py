@@ -23,12 +23,16 @@ from tests.deploy.manifests import (
     dashboard_queries,
     exposed_names,
     grafana_to_promql,
+    label_uses,
     metric_names,
     render,
+    sample_labels,
 )
 
 # Series Prometheus makes itself for every target, not the server.
 PROMETHEUS_OWN = {"up", "scrape_duration_seconds", "scrape_samples_scraped"}
+# Labels Prometheus adds to every scraped series (kubernetes-scrape.yml adds namespace and pod).
+TARGET_LABELS = {"job", "instance", "namespace", "pod"}
 
 
 def used_metric_names() -> dict[str, set[str]]:
@@ -55,6 +59,59 @@ def missing_from(exposition: str) -> dict[str, set[str]]:
         for name, where in sorted(used_metric_names().items())
         if name not in exposed and name not in PROMETHEUS_OWN
     }
+
+
+def all_queries() -> list[tuple[str, str]]:
+    """(where, PromQL) of every alert and panel."""
+    queries = [(f"alert {r['alert']}", r["expr"]) for r in alert_rules()]
+    dashboard = json.loads(DASHBOARD.read_text())
+    queries += [(f"panel {t!r}", grafana_to_promql(e)) for t, e in dashboard_queries(dashboard)]
+    return queries
+
+
+def populate(server) -> None:
+    """Give every labelled family a sample, so its label names show on /metrics: one real chat
+    request for the request families, the server's own instruments for the others (what a
+    registry, an experiment and adapter loads would record)."""
+    reply = httpx.post(
+        f"{server.url}/v1/chat/completions",
+        json={"model": "fake", "messages": [{"role": "user", "content": "hi"}], "stream": True},
+    )
+    assert reply.status_code == 200, reply.text
+    metrics = server.app.state.loraplex.metrics
+    ab = ("support", "2", "1", "1")
+    metrics.observe_ab_request(
+        adapter="support", version=2, experiment=1, variant=1, error=False, seconds=0.2,
+        ttft=0.1, output_tokens=3, unanalysed="unkeyed",
+    )  # fmt: skip
+    metrics.observe_ab_request(
+        adapter="support", version=2, experiment=1, variant=1, error=True, seconds=0.2,
+        ttft=None, output_tokens=0, unanalysed=None,
+    )  # fmt: skip
+    metrics.ab_feedback.labels(*ab).inc()
+    metrics.ab_feedback_score.labels(*ab).inc(0.5)
+    metrics.ab_users.labels(*ab).set(3)
+    metrics.ab_decisions.labels("support", "1", "hold").inc()
+    metrics.observe_adapter_load("support@2", 0.3)
+    metrics.observe_adapter_load("support@3", 0.3, ok=False)
+    metrics.adapter_cache.labels("support@2", "hit").inc()
+    metrics.adapter_warmup_failures.labels("support@3").inc()
+
+
+def test_every_label_used_exists_on_its_metric(fake_server) -> None:
+    """A `by (variant)` or `{status=...}` on a metric without that label gives an empty panel
+    or an alert that never fires, silently."""
+    server = fake_server()
+    populate(server)
+    labels = sample_labels(httpx.get(f"{server.url}/metrics").text)
+    problems = []
+    for where, expr in all_queries():
+        for used, names in label_uses(expr):
+            for name in names - PROMETHEUS_OWN:
+                assert name in labels, f"{where}: no sample of {name} to check its labels"
+                if missing := used - labels[name] - TARGET_LABELS:
+                    problems.append(f"{where}: {name} has no label {sorted(missing)}")
+    assert not problems, "\n".join(problems)
 
 
 def test_every_metric_used_exists_on_a_live_server(fake_server) -> None:
