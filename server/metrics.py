@@ -23,7 +23,7 @@ build many apps in one process. Labels are bounded: `model` is always a resolved
 #   scrape fails on one malformed line or on a second HELP/TYPE line for a family.
 # - vLLM names (engine "vllm", the default for pods without an `llm-d.ai/engine-type` label):
 #   queue = vllm:num_requests_waiting, running = vllm:num_requests_running,
-#   KV-cache use = vllm:kv_cache_usage_perc (0..1; EPPs before GIE #1905, Nov 2025, read
+#   KV-cache use = vllm:kv_cache_usage_perc (0..1; EPPs before GIE v1.3, #1905, read
 #   vllm:gpu_cache_usage_perc, which loraplex also exports), LoRA = vllm:lora_requests_info,
 #   cache geometry = vllm:cache_config_info (labels block_size, num_gpu_blocks, parsed with
 #   strconv.Atoi; used to auto-tune the approximate prefix-cache scorer).
@@ -59,9 +59,8 @@ from prometheus_client.metrics_core import Metric
 VLLM_RUNNING = "vllm:num_requests_running"
 VLLM_WAITING = "vllm:num_requests_waiting"
 VLLM_KV_CACHE_USAGE = "vllm:kv_cache_usage_perc"
-VLLM_GPU_CACHE_USAGE = "vllm:gpu_cache_usage_perc"  # the pre-0.11 name older EPPs read
+VLLM_GPU_CACHE_USAGE = "vllm:gpu_cache_usage_perc"  # vLLM's earlier name, which older EPPs read
 VLLM_LORA_INFO = "vllm:lora_requests_info"
-VLLM_CACHE_CONFIG = "vllm:cache_config_info"
 VLLM_PREFIX = "vllm:"
 _ENGINE_LABELS = ("model_name", "engine")
 _HELP = {
@@ -297,15 +296,6 @@ def engine_gauges(
     return families
 
 
-def lora_info_family(*, max_lora: int, series: dict[tuple[str, str], float]) -> Metric:
-    """vllm:lora_requests_info from `(running, waiting) -> time last set`: adapter lists are
-    comma-joined names, one series per combination, as vLLM keeps them."""
-    family = GaugeMetricFamily(VLLM_LORA_INFO, _HELP[VLLM_LORA_INFO], labels=LORA_LABELS)
-    for (running, waiting), stamp in series.items():
-        family.add_metric([str(max_lora), waiting, running], stamp)
-    return family
-
-
 def with_legacy_kv_name(families: Iterable[Metric]) -> Iterator[Metric]:
     """`families` and, after vllm:kv_cache_usage_perc, a copy of it named
     vllm:gpu_cache_usage_perc (for EPPs that still read the old name), unless present."""
@@ -336,9 +326,13 @@ class LoraRequestsInfo:
         self._series[key] = self._last
 
     def family(self) -> Metric | None:
+        """The family as vLLM exports it (adapter lists comma-joined), None before any record."""
         if not self._series:
             return None
-        return lora_info_family(max_lora=self.max_lora, series=dict(self._series))
+        family = GaugeMetricFamily(VLLM_LORA_INFO, _HELP[VLLM_LORA_INFO], labels=LORA_LABELS)
+        for (running, waiting), stamp in self._series.items():
+            family.add_metric([str(self.max_lora), waiting, running], stamp)
+        return family
 
 
 class _Families:
