@@ -5,8 +5,8 @@ and the admin API of either replica.
 A promotion or rollback through one is served by both; a user gets the same variant on both;
 feedback given through one shows in the status read through the other; an automatic decision is
 taken once; and a replica killed mid-load loses no registry or experiment state while the other
-keeps serving. The replicas start once for the module (~1-2 min on 2 cores); the last test kills
-one of them.
+keeps serving (the status then marks the silent one, once it is past its reports). The replicas
+start once for the module (~1-2 min on 2 cores); the kill test runs last of them.
 """
 
 from __future__ import annotations
@@ -18,21 +18,24 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 
 import boto3
 import httpx
 import openai
 import pytest
 from sqlalchemy import text
+from typer.testing import CliRunner
 
+from loraplex.cli import app
+from registry.experiment_records import VariantSpec
 from registry.service import Registry
 from registry.settings import RegistrySettings
-from tests.registry.conftest import postgres_server, s3_endpoint  # noqa: F401 - fixtures
+from server.ab.operations import STALE_REPLICA_SECONDS, status
+from tests.registry.conftest import postgres_server, s3_endpoint, write_adapter  # noqa: F401 - fixtures
 from tests.support.adapters import ADAPTER_SPECS, build_test_adapters
 from tests.support.replicas import LORAPLEX, Replica, postgres_database, replica_pair
 from tests.support.servers import wait_for
-
-pytestmark = [pytest.mark.engine, pytest.mark.postgres]
 
 S3_ENV = {
     "AWS_ACCESS_KEY_ID": "testing",
@@ -131,6 +134,8 @@ def applied_everywhere(deployment: Deployment, name: str, experiment_id: int) ->
     wait_for(applied, timeout=60, every=0.2)
 
 
+@pytest.mark.engine
+@pytest.mark.postgres
 def test_a_promotion_and_a_rollback_through_one_replica_are_served_by_both(deployment):
     assert {r.name: ask(r, ROLLING)[0] for r in deployment.replicas} == {
         "a": f"{ROLLING}@1", "b": f"{ROLLING}@1",
@@ -151,6 +156,8 @@ def test_a_promotion_and_a_rollback_through_one_replica_are_served_by_both(deplo
     ]  # fmt: skip
 
 
+@pytest.mark.engine
+@pytest.mark.postgres
 def test_a_user_gets_the_same_variant_on_both_replicas(deployment):
     started = start_experiment(deployment.a, SPLIT, variants={"1": 1.0, "2": 1.0})
     applied_everywhere(deployment, SPLIT, started["id"])
@@ -162,6 +169,8 @@ def test_a_user_gets_the_same_variant_on_both_replicas(deployment):
     assert all(model == f"{SPLIT}@{int(v) + 1}" for model, v in on_a.values())
 
 
+@pytest.mark.engine
+@pytest.mark.postgres
 def test_feedback_through_one_replica_counts_in_the_status_read_from_the_other(deployment):
     experiment = deployment.experiments.running(SPLIT)
     assert experiment is not None, "runs after the stickiness test, on its experiment"
@@ -206,6 +215,8 @@ def _close(got: dict[str, tuple[int, float]], want: dict[str, tuple[int, float]]
     )
 
 
+@pytest.mark.engine
+@pytest.mark.postgres
 def test_an_automatic_decision_is_taken_exactly_once(deployment):
     config = {"auto": True, "window_seconds": 0.5, "dwell_seconds": 0, "final_dwell_seconds": 0,
               "min_users_per_arm": 15, "guardrails": {}}  # fmt: skip
@@ -263,6 +274,8 @@ def _slice_matches_counters(deployment: Deployment, experiment_id: int) -> None:
     assert users == counters
 
 
+@pytest.mark.engine
+@pytest.mark.postgres
 def test_killing_one_replica_mid_load_loses_no_state_and_the_other_keeps_serving(deployment):
     store = deployment.experiments
     experiment = store.running(SPLIT)
@@ -342,3 +355,40 @@ def test_killing_one_replica_mid_load_loses_no_state_and_the_other_keeps_serving
     promoted = deployment.a.admin("POST", f"/adapters/{ROLLING}/promote", json={"version": 2})
     assert promoted.status_code == 200, promoted.text
     wait_for(lambda: ask(deployment.a, ROLLING)[0] == f"{ROLLING}@2", timeout=30)
+
+
+def test_a_replica_silent_past_its_reports_is_marked_presumed_gone(tmp_path):
+    """What the status shows of a replica killed without a goodbye: its last state, marked."""
+    settings = RegistrySettings(
+        home=tmp_path / "home",
+        registry=f"sqlite:///{tmp_path / 'registry.db'}",
+        artifacts=(tmp_path / "artifacts").as_uri(),
+    )
+    with Registry.open(settings) as registry:
+        for seed in (1, 2):
+            registry.register("gone", write_adapter(tmp_path / f"v{seed}", seed=seed), actor="t")
+        registry.store.promote("gone", 1, actor="t")
+        store = registry.store.experiments
+        experiment = store.start(
+            "gone", variants=[VariantSpec(1, 1.0), VariantSpec(2, 1.0)], ramp=None, config={},
+            actor="t",
+        )  # fmt: skip
+        for replica in ("replica-live", "replica-killed"):
+            store.heartbeat(experiment.id, replica, state="applied")
+        with registry.store.engine.begin() as conn:
+            conn.execute(
+                text("UPDATE experiment_replicas SET updated_at = :at WHERE replica_id = :r"),
+                {"at": datetime.now(UTC) - timedelta(seconds=STALE_REPLICA_SECONDS + 5),
+                 "r": "replica-killed"},
+            )  # fmt: skip
+        replicas = {r["replica_id"]: r for r in status(store, "gone")["replicas"]}
+    assert {r: (v["state"], v["stale"]) for r, v in replicas.items()} == {
+        "replica-live": ("applied", False), "replica-killed": ("applied", True),
+    }  # fmt: skip
+    assert replicas["replica-killed"]["reported_seconds_ago"] > STALE_REPLICA_SECONDS
+    shown = CliRunner().invoke(app, ["ab", "status", "gone", "--registry", settings.registry])
+    assert shown.exit_code == 0, shown.output
+    lines = [line for line in shown.stdout.splitlines() if line.startswith("replica ")]
+    assert lines[0].startswith("replica replica-killed: applied (silent for ")
+    assert lines[0].endswith(" s: presumed gone)")
+    assert lines[1] == "replica replica-live: applied"

@@ -196,7 +196,10 @@ def _print_status(data: dict) -> None:
         typer.echo(f"ended {e['ended_at'][:19]} by {e['ended_by']}: {e['end_reason']}")
     for r in data["replicas"]:
         extra = f": {r['reason']}" if r["reason"] else ""
-        typer.echo(f"replica {r['replica_id']}: {r['state']}{extra}")
+        gone = (
+            f" (silent for {r['reported_seconds_ago']:.0f} s: presumed gone)" if r["stale"] else ""
+        )
+        typer.echo(f"replica {r['replica_id']}: {r['state']}{extra}{gone}")
 
 
 def _pct(value: float | None) -> str:

@@ -12,15 +12,19 @@ from datetime import UTC, datetime
 from typing import Any
 
 from pydantic import ValidationError
-from registry.experiments import ExperimentStore
 
-from registry.experiment_records import ExperimentRecord, VariantSpec
+from registry.experiment_records import ExperimentRecord, ReplicaState, VariantSpec
+from registry.experiments import ExperimentStore
 from registry.records import AliasMove
 from registry.refs import DEFAULT_ALIAS
 from server.ab.assignment import treatment_share
 from server.ab.config import DEFAULT_RAMP, ExperimentConfig
 
 MANUAL = "manual"
+# A serving replica reports its state on every change and at least this often; one silent for
+# STALE_REPLICA_SECONDS is presumed gone (killed, scaled down) and marked so in the status.
+REPORT_EVERY_SECONDS = 30.0
+STALE_REPLICA_SECONDS = 3 * REPORT_EVERY_SECONDS
 
 
 class PlanError(ValueError):
@@ -130,6 +134,14 @@ def stop(
                      reason=f"experiment {experiment.id}: {why}")  # fmt: skip
 
 
+def _replica_json(replica: ReplicaState, now: datetime) -> dict:
+    silent = max(0.0, (now - replica.updated_at).total_seconds())
+    return replica.to_json() | {
+        "reported_seconds_ago": silent,
+        "stale": silent > STALE_REPLICA_SECONDS,
+    }
+
+
 def _latest_or_none(store: ExperimentStore, name: str) -> ExperimentRecord | None:
     from registry.errors import NotFoundError
 
@@ -182,7 +194,7 @@ def status(store: ExperimentStore, name: str, *, experiment_id: int | None = Non
             (now - experiment.analysed_at).total_seconds() if experiment.analysed_at else None
         ),
         "history": list((experiment.analysis or {}).get("history", [])),
-        "replicas": [r.to_json() for r in store.replicas(experiment.id)],
+        "replicas": [_replica_json(r, now) for r in store.replicas(experiment.id)],
         "events": [e.to_json() for e in store.events(experiment.id)],
         "alias": DEFAULT_ALIAS,
     }

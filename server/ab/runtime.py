@@ -22,6 +22,7 @@ from registry.experiment_records import ExperimentRecord, Rating
 from registry.experiments import ExperimentStore
 from server.ab.analysis import analyse
 from server.ab.assignment import Assignment
+from server.ab.operations import REPORT_EVERY_SECONDS
 from server.ab.recorder import ExperimentRecorder, RequestOutcome
 from server.ab.router import ExperimentRouter
 from server.errors import InvalidRequestError, ResourceNotFoundError
@@ -31,7 +32,6 @@ log = logging.getLogger(__name__)
 
 DEFAULT_FEEDBACK_TTL_SECONDS = 7 * 86400.0
 _PURGE_EVERY_SECONDS = 300.0
-_HEARTBEAT_EVERY_SECONDS = 30.0
 
 
 def replica_id() -> str:
@@ -121,7 +121,7 @@ class ABRuntime:
     async def _report_states(self) -> None:
         now = time.monotonic()
         states = {e.id: (state, reason) for e, state, reason in self.router.states()}
-        if states == self._reported and now - self._last_report < _HEARTBEAT_EVERY_SECONDS:
+        if states == self._reported and now - self._last_report < REPORT_EVERY_SECONDS:
             return
         for experiment_id, (state, reason) in states.items():
             await asyncio.to_thread(
