@@ -176,6 +176,15 @@ def test_dashboard_is_well_formed() -> None:
             assert panel["targets"], f"panel {panel['title']!r} has no query"
             assert panel["datasource"]["uid"] == _datasource()["uid"], panel["title"]
     assert len(ids) == len(set(ids)), "panel ids repeat"
+    boxes = [(p["title"], p["gridPos"]) for p in dashboard["panels"]]
+    for i, (first, a) in enumerate(boxes):
+        assert a["x"] + a["w"] <= 24, f"{first!r} is wider than the dashboard"
+        for second, b in boxes[i + 1 :]:
+            apart = (
+                a["x"] + a["w"] <= b["x"] or b["x"] + b["w"] <= a["x"]
+                or a["y"] + a["h"] <= b["y"] or b["y"] + b["h"] <= a["y"]
+            )  # fmt: skip
+            assert apart, f"panels {first!r} and {second!r} overlap"
     assert dashboard["uid"] and dashboard["title"]
     variables = {v["name"] for v in dashboard["templating"]["list"]}
     for title, expr in dashboard_queries(dashboard):
