@@ -1,5 +1,7 @@
 """${message}
 
+Expand (additive) unless upgrade() calls require_readers_from(...): registry/migrations/__init__.py.
+
 Revision ID: ${up_revision}
 Revises: ${down_revision | comma,n}
 Create Date: ${create_date}

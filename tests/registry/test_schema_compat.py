@@ -14,6 +14,7 @@ import sqlite3
 import subprocess
 import sys
 import time
+from inspect import getsource as inspect_source
 from pathlib import Path
 
 import pytest
@@ -91,6 +92,31 @@ def apply_future_release(database_url: str, folder: Path, *, contract: bool) -> 
         assert current_revision(engine) == FUTURE
     finally:
         engine.dispose()
+
+
+CONTRACT_OPERATIONS = (
+    "drop_table",
+    "drop_column",
+    "rename_table",
+    "alter_column",
+    "drop_constraint",
+)
+
+
+def test_every_migration_that_removes_or_changes_something_is_a_marked_contract_step():
+    """The policy's guard: an upgrade() that drops, renames or alters must say which readers it
+    excludes (`require_readers_from`); everything else is expand and leaves the row alone."""
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS_DIR))
+    from alembic.script import ScriptDirectory
+
+    unmarked = []
+    for script in ScriptDirectory.from_config(config).walk_revisions():
+        upgrade = inspect_source(script.module.upgrade)
+        found = [op for op in CONTRACT_OPERATIONS if f".{op}(" in upgrade]
+        if found and "require_readers_from(" not in upgrade:
+            unmarked.append(f"{script.revision}: {', '.join(found)}")
+    assert unmarked == [], "contract steps must call require_readers_from (registry/migrations)"
 
 
 def migrate_cli(database_url: str, *flags: str):
