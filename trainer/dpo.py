@@ -59,6 +59,7 @@ class DPOSettings:
 
     lora: LoraSettings = field(default_factory=LoraSettings)
     beta: float = 0.1
+    sft_weight: float = 0.0  # weight of a language-model loss on the chosen answers (RPO)
     lr: float = 5e-5
     schedule: str = "cosine"
     epochs: float = 1.0
@@ -83,6 +84,8 @@ class DPOSettings:
         found = run_problems(self)
         if not self.beta > 0:
             found.append(f"beta must be positive, got {self.beta}")
+        if not self.sft_weight >= 0:
+            found.append(f"sft weight must be 0 or more, got {self.sft_weight}")
         if self.method != "dpo":
             found.append(f"method must be dpo, got {self.method!r}")
         return found
@@ -296,6 +299,7 @@ def _build_trainer(
     has_val = val_set is not None
     config = DPOConfig(
         output_dir=str(out_dir / outputs.CHECKPOINTS), beta=settings.beta,
+        **_loss(settings.sft_weight),
         learning_rate=settings.lr, lr_scheduler_type=settings.schedule,
         num_train_epochs=settings.epochs, max_steps=settings.max_steps or -1,
         per_device_train_batch_size=settings.batch_size,
@@ -328,6 +332,15 @@ def _build_trainer(
     config.eval_steps = settings.eval_every or per_epoch
     config.save_steps = settings.save_every or config.eval_steps
     return trainer
+
+
+def _loss(sft_weight: float) -> dict[str, Any]:
+    """DPO's sigmoid loss, plus (RPO) the chosen answers' own language-model loss: without it a
+    pair that differs in one phrase teaches the phrase everywhere and the end-of-turn token is
+    lost (answers that repeat it and never stop; the serving gate catches them)."""
+    if not sft_weight:
+        return {"loss_type": ["sigmoid"]}
+    return {"loss_type": ["sigmoid", "sft"], "loss_weights": [1.0, sft_weight]}
 
 
 def _policy(

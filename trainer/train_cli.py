@@ -85,6 +85,10 @@ def train(
         ),
     ] = None,
     beta: Annotated[float, typer.Option("--beta", help="dpo: strength of the reference")] = 0.1,
+    sft_weight: Annotated[
+        float,
+        typer.Option("--sft-weight", help="dpo: add the chosen answers' SFT loss, this weight"),
+    ] = 0.0,
     rank: Annotated[int, typer.Option("--rank")] = 16,
     alpha: Annotated[float, typer.Option("--alpha")] = 32.0,
     dropout: Annotated[float, typer.Option("--dropout")] = 0.05,
@@ -140,7 +144,7 @@ def train(
     reg_settings = _registry_settings(flags)
     modules = tuple(m.strip() for m in target_modules.split(",") if m.strip())
     dpo = method == "dpo"
-    _check_method_flags(dpo=dpo, start=start, beta=beta, packing=packing,
+    _check_method_flags(dpo=dpo, start=start, beta=beta, sft_weight=sft_weight, packing=packing,
                         early_stopping=early_stopping,
                         lora={"rank": rank, "alpha": alpha, "dropout": dropout,
                               "target_modules": target_modules})  # fmt: skip
@@ -151,7 +155,8 @@ def train(
     try:
         lora = LoraSettings(rank=rank, alpha=alpha, dropout=dropout, target_modules=modules)
         if dpo:
-            settings = _dpo_settings(lora=lora, lr=lr, epochs=epochs, beta=beta, common=common)
+            settings = _dpo_settings(lora=lora, lr=lr, epochs=epochs, beta=beta,
+                                     sft_weight=sft_weight, common=common)  # fmt: skip
         else:
             settings = SFTSettings(
                 lora=lora, lr=2e-4 if lr is None else lr, epochs=3.0 if epochs is None else epochs,
@@ -240,8 +245,8 @@ def _last_user_message(example: Any) -> str | None:
 
 
 def _check_method_flags(
-    *, dpo: bool, start: str | None, beta: float, packing: bool, early_stopping: int | None,
-    lora: Mapping[str, Any],
+    *, dpo: bool, start: str | None, beta: float, sft_weight: float, packing: bool,
+    early_stopping: int | None, lora: Mapping[str, Any],
 ) -> None:  # fmt: skip
     """Flags that belong to one method only: a clear error instead of a silently ignored flag."""
     if not dpo:
@@ -249,6 +254,8 @@ def _check_method_flags(
             fail("--from continues a registry version with --method dpo only")
         if beta != 0.1:
             fail("--beta applies to --method dpo only")
+        if sft_weight:
+            fail("--sft-weight applies to --method dpo only")
         return
     if packing or early_stopping is not None:
         fail("--packing and --early-stopping apply to SFT (--method lora or qlora) only")
@@ -262,13 +269,15 @@ def _check_method_flags(
 
 
 def _dpo_settings(
-    *, lora: Any, lr: float | None, epochs: float | None, beta: float, common: Mapping[str, Any]
-) -> DPOSettings:
+    *, lora: Any, lr: float | None, epochs: float | None, beta: float, sft_weight: float,
+    common: Mapping[str, Any],
+) -> DPOSettings:  # fmt: skip
     from trainer.dpo import DPOSettings
 
     defaults = DPOSettings.__dataclass_fields__
     return DPOSettings(
-        lora=lora, beta=beta, lr=defaults["lr"].default if lr is None else lr,
+        lora=lora, beta=beta, sft_weight=sft_weight,
+        lr=defaults["lr"].default if lr is None else lr,
         epochs=defaults["epochs"].default if epochs is None else epochs, **common,
     )  # fmt: skip
 

@@ -52,23 +52,28 @@ def open_registry(home: Path) -> Registry:
     )  # fmt: skip
 
 
-def dpo_args(data: Path, out: Path, model: Path, home: Path, *extra: str) -> list[str]:
+def dpo_args(
+    data: Path, out: Path, model: Path, home: Path, *extra: str, gate: bool = False
+) -> list[str]:
     return ["train", "--method", "dpo", "--data", str(data), "--name", NAME, "--out", str(out),
             "--model", str(model), "--batch-size", "4", "--max-seq-len", "96", "--seed", "7",
-            "--schedule", "constant", "--register", "--no-gate", "--json", *extra,
-            *registry_flags(home)]  # fmt: skip
+            "--schedule", "constant", "--register", "--gate" if gate else "--no-gate", "--json",
+            *extra, *registry_flags(home)]  # fmt: skip
 
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory: pytest.TempPathFactory, embedded_model_dir: Path) -> dict[str, object]:
     """24 pairs (chosen: the answer opened by "ARRR! "; rejected: the plain answer), 4 held-out
-    pairs for evaluation; a fresh LoRA trained and registered as NAME@1 through the CLI."""
+    pairs for evaluation; a fresh LoRA trained (with the chosen answers' SFT loss: pure DPO on
+    pairs this alike learns to repeat the marker and never stop), put through the serving gate
+    (the real engine) and registered as NAME@1 through the CLI."""
     root = tmp_path_factory.mktemp("dpo")
     train = write_rows(root / "prefs.jsonl", pair_rows(TRAINING_PAIRS[:24]))
     val = write_rows(root / "val.jsonl", pair_rows(TRAINING_PAIRS[24:28]))
     home, out = root / "home", root / "run"
     args = dpo_args(train, out, embedded_model_dir, home, "--val", str(val), "--lr", "5e-4",
-                    "--max-steps", str(STEPS), "--eval-every", str(EVAL_EVERY))  # fmt: skip
+                    "--max-steps", str(STEPS), "--eval-every", str(EVAL_EVERY),
+                    "--sft-weight", "1", gate=True)  # fmt: skip
     result = CliRunner().invoke(cli_app(), args)
     assert result.exit_code == 0, result.output + str(result.exception)
     return {"root": root, "home": home, "out": out, "train": train, "val": val,
@@ -125,6 +130,7 @@ def test_manifest_and_registered_lineage(run: dict[str, object]) -> None:
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["method"] == "dpo" and manifest["format"] == "loraplex.dpo/1"
     assert manifest["beta"] == 0.1 and manifest["hyperparameters"]["beta"] == 0.1
+    assert manifest["hyperparameters"]["sft_weight"] == 1.0
     assert manifest["from"] is None and manifest["hyperparameters"]["start"] is None
     assert manifest["reference"] == "base model (adapter disabled)"
     assert manifest["datasets"]["train"]["used"] == 24
@@ -135,6 +141,76 @@ def test_manifest_and_registered_lineage(run: dict[str, object]) -> None:
     with open_registry(run["home"]) as registry:
         version = registry.store.resolve(f"{NAME}@1")
     assert dict(version.lineage) == manifest
+
+
+def test_the_dpo_adapter_passes_the_serving_gate_and_its_lineage_says_so(
+    run: dict[str, object],
+) -> None:
+    """Served by the real engine (`loraplex serve` child) on the held-out prompts before it was
+    registered: accepted, agreeing with peft, stopping by itself, and not the base's answers."""
+    manifest = json.loads((run["out"] / "manifest.json").read_text())
+    gate = manifest["serving_gate"]
+    assert gate["passed"] and gate["accepted"], gate["problems"]
+    assert gate["held_out"] and gate["prompts_from"] == str(run["val"]) and not gate["forced"]
+    assert gate["changed_share"] > 0 and gate["ended_share"] >= 0.75
+    assert len(gate["checks"]) == 4
+    assert sum(MARK in c["served"] for c in gate["checks"]) >= 2, gate["checks"]
+    assert not any(MARK in c["base"] for c in gate["checks"]), gate["checks"]
+    with open_registry(run["home"]) as registry:
+        lineage = dict(registry.store.resolve(f"{NAME}@1").lineage)
+    assert lineage["serving_gate"] == gate
+
+
+def test_resume_ends_where_an_uninterrupted_run_ends(tmp_path: Path, embedded_model_dir: Path):
+    """Killed after its step-2 checkpoint and resumed: same losses, rewards and weights as a run
+    that was never stopped (optimizer, scheduler, step and data order restored)."""
+    from safetensors.torch import load_file
+
+    from trainer.dpo import DPOSettings, train_dpo
+    from trainer.outputs import newest_checkpoint
+    from trainer.sft import LoraSettings, TrainingError
+
+    data = write_rows(tmp_path / "prefs.jsonl", pair_rows(TRAINING_PAIRS[:8]))
+    settings = DPOSettings(lora=LoraSettings(rank=8), lr=5e-4, max_steps=4, batch_size=2,
+                           max_seq_len=96, save_every=2, seed=3)  # fmt: skip
+
+    def run_into(out: Path, **kwargs: object) -> object:
+        return train_dpo(model_dir=embedded_model_dir, train=data, val=None, out_dir=out,
+                         settings=settings, **kwargs)  # fmt: skip
+
+    whole = run_into(tmp_path / "whole")
+
+    class Killed(Exception):
+        pass
+
+    def kill_after_step_3(event: dict[str, object]) -> None:
+        if event["event"] == "train" and event["step"] == 3:
+            raise Killed
+
+    with pytest.raises(Killed):
+        run_into(tmp_path / "parts", progress=kill_after_step_3)
+    assert newest_checkpoint(tmp_path / "parts").name == "checkpoint-2"
+    assert not (tmp_path / "parts" / "adapter").exists()
+    with pytest.raises(TrainingError, match="already holds a run: pass --resume"):
+        run_into(tmp_path / "parts")
+    trained: list[object] = []
+    resumed = run_into(
+        tmp_path / "parts", resume=True,
+        progress=lambda e: trained.append(e["step"]) if e["event"] == "train" else None,
+    )  # fmt: skip
+
+    assert trained == [3, 4]  # continued, not started over
+    assert resumed.manifest["resumed_from_step"] == 2
+    assert resumed.manifest["steps"] == whole.manifest["steps"] == 4
+    metrics = [json.loads(r.metrics_path.read_text()) for r in (whole, resumed)]
+    assert [e["step"] for e in metrics[1]["train_loss"]] == [1, 2, 3, 4]
+    for key, field in (("train_loss", "loss"), ("rewards", "margins"), ("rewards", "chosen")):
+        expected = [e[field] for e in metrics[0][key]]
+        assert [e[field] for e in metrics[1][key]] == pytest.approx(expected, rel=1e-3, abs=1e-4)
+    weights = [load_file(r.adapter_dir / "adapter_model.safetensors") for r in (whole, resumed)]
+    assert weights[0].keys() == weights[1].keys()
+    for key, tensor in weights[0].items():
+        assert tensor.float().allclose(weights[1][key].float(), atol=1e-4), key
 
 
 def test_from_continues_the_registered_version_against_itself(
@@ -211,6 +287,8 @@ def test_flags_of_the_other_method_are_refused(tmp_path: Path, embedded_model_di
     cases = [
         (["--method", "lora", "--from", f"{NAME}@1"], "--from continues a registry version"),
         (["--method", "lora", "--beta", "0.5"], "--beta applies to --method dpo only"),
+        (["--method", "lora", "--sft-weight", "1"], "--sft-weight applies to --method dpo only"),
+        (["--sft-weight", "-1"], "sft weight must be 0 or more"),
         (["--from", f"{NAME}@1", "--rank", "8"], "--rank shape a fresh adapter"),
         (["--beta", "0"], "beta must be positive"),
         (["--from", "nobody@3"], "nobody"),
