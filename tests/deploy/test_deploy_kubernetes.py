@@ -249,9 +249,9 @@ def test_pod_commands_parse_with_the_loraplex_cli() -> None:
             raise AssertionError(f"{where}: `loraplex {' '.join(args)}`: {e}") from e
         paths.add(" ".join(path))
     assert {"serve", "registry migrate", "train"} <= paths
-    assert parse_loraplex_command(
-        find(example_objects(), "Job")["spec"]["template"]["spec"]["containers"][0]["args"]
-    )[1]["register"]
+    ((_, train),) = containers([find(example_objects(), "Job")])
+    _, params = parse_loraplex_command(train["args"])
+    assert params["register"], "the training Job must register its adapter"
 
 
 def test_job_commands_answer_help() -> None:
