@@ -41,12 +41,17 @@ async def _stream(client: openai.AsyncOpenAI, model: str, started: asyncio.Event
     return served
 
 
-async def _scrape_while_streaming(url: str, client, models: list[str]) -> list[EppMetrics]:
+async def _scrape_while_streaming(
+    url: str, client: openai.AsyncOpenAI, models: list[str], *, wait: bool = True
+) -> list[EppMetrics]:
+    """Stream one request per model at once and scrape until all end: from the moment every
+    stream has produced a token with `wait`, at once without."""
     events = [asyncio.Event() for _ in models]
     tasks = [
         asyncio.create_task(_stream(client, m, e)) for m, e in zip(models, events, strict=True)
     ]
-    await asyncio.gather(*(e.wait() for e in events))  # both have produced tokens
+    if wait:
+        await asyncio.gather(*(e.wait() for e in events))
     seen = []
     while not all(task.done() for task in tasks):
         seen.append((await asyncio.to_thread(scrape, url))[1])
@@ -94,3 +99,24 @@ def test_metrics_text_is_what_the_endpoint_picker_accepts(real_server, client):
     kv = families["vllm:kv_cache_usage_perc"].metrics[0].value
     assert families["vllm:gpu_cache_usage_perc"].metrics[0].value == kv
     assert "loraplex_requests_total" in families  # the server's own instruments alongside
+
+
+def test_an_adapter_beyond_max_loras_waits_and_is_named_waiting(
+    real_server, async_client, test_adapters
+):
+    """Four adapters at once on an engine with three LoRA slots: vLLM runs three and queues the
+    fourth; the queue length and waiting_lora_adapters say so, as the EPP reads them."""
+    name = f"gie-wait-{uuid.uuid4().hex[:8]}"
+    registry = real_server.registry
+    extra = [
+        registry.register(name, test_adapters[a], actor="test").ref for a in ("suffix", "caps")
+    ]
+    models = ["caps", "prefix", *extra]
+
+    seen = asyncio.run(_scrape_while_streaming(real_server.url, async_client, models, wait=False))
+
+    queued = [m for m in seen if m.waiting_queue_size > 0 and m.waiting_models]
+    assert queued, f"nothing ever waited: {[(m.active_models, m.waiting_models) for m in seen]}"
+    assert all(m.waiting_models <= set(models) for m in queued)
+    assert all(len(m.active_models) <= 3 and m.active_models <= set(models) for m in seen)
+    assert all(not m.errors for m in seen), seen[0].errors
