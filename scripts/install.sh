@@ -30,12 +30,4 @@ if [ "$extra" = cpu ]; then
   # their native libraries fail to load and break `transformers` imports. Text serving needs none.
   "${pip[@]}" uninstall --yes --quiet torchvision torchaudio torchcodec 2>/dev/null || true
 fi
-# promtool checks and unit-tests deploy/prometheus (tests/deploy). It is no PyPI package: Debian
-# ships it in `prometheus`. CI (root, CI=true) installs it here; elsewhere that test skips and says how.
-if [ "${CI:-}" = true ] && [ "$(id -u)" = 0 ] && ! command -v promtool >/dev/null 2>&1 \
-  && command -v apt-get >/dev/null 2>&1; then
-  echo "==> installing promtool (Debian package prometheus)"
-  apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null
-fi
 echo "==> installed; .venv/bin/loraplex is ready"

@@ -1,7 +1,7 @@
 """Prometheus' own checker on deploy/prometheus: the rule file and the compose stack's config are
 valid for Prometheus, and the alert rules' unit tests (alerts_test.yml: series in, alerts with
 their labels and annotations out) pass. promtool is Debian's `prometheus` package, which
-scripts/install.sh installs under CI."""
+.ci/run installs; without it these tests skip (fail when CI is set)."""
 
 from __future__ import annotations
 
