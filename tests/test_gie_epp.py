@@ -19,8 +19,11 @@ from dataclasses import dataclass, field
 
 import httpx
 import pytest
+from prometheus_client import CollectorRegistry
 
 from server.engine_fake import FakeEngine
+from server.engine_vllm import VllmEngine, VllmEngineSettings
+from server.metrics import render_metrics
 from tests.support.servers import wait_for
 
 # factories.go, defaultEngineConfigs["vllm"]
@@ -355,6 +358,15 @@ def test_metrics_before_ready_read_zero_with_no_lora_family(fake_server):
     assert metrics.errors == [f"metric family {EPP_CACHE_INFO!r} not found"]
     assert families["vllm:gpu_cache_usage_perc"].type == "gauge"  # for EPPs before GIE #1905
     assert families["loraplex_engine_ready"].metrics[0].value == 0.0
+
+
+def test_a_vllm_engine_not_started_exports_zeros_under_its_served_name():
+    engine = VllmEngine(VllmEngineSettings(model_path="/nowhere", served_name="base"))
+    text = render_metrics(CollectorRegistry(), engine).decode()
+    check_epp_families(text, model_name="base")
+    metrics = epp_extract(parse_exposition(text))
+    assert (metrics.running_requests_size, metrics.waiting_queue_size) == (0, 0)
+    assert EPP_LORA not in text
 
 
 def test_running_adapters_show_while_streaming_and_clear_after(fake_server, tmp_path):
