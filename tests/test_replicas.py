@@ -101,16 +101,28 @@ def ask(replica: Replica, model: str, user: str | None = None) -> tuple[str, str
 
 
 def served_everywhere(deployment: Deployment, model: str, expected: str) -> dict[str, float]:
-    """Poll every replica until `model` answers as `expected`; seconds each one took."""
+    """Poll every replica (each in its own thread, so one's latency does not delay the other's
+    probe) until `model` answers as `expected`; the seconds each one took."""
     started = time.monotonic()
     lags: dict[str, float] = {}
-    while len(lags) < len(deployment.replicas):
-        for replica in deployment.replicas:
-            if replica.name not in lags and ask(replica, model)[0] == expected:
-                lags[replica.name] = time.monotonic() - started
-        if time.monotonic() - started > 60:
-            raise AssertionError(f"{model} not {expected} everywhere after 60 s: {lags}")
-        time.sleep(0.05)
+    errors: list[BaseException] = []
+
+    def probe(replica: Replica) -> None:
+        try:
+            while ask(replica, model)[0] != expected:
+                if time.monotonic() - started > 60:
+                    raise AssertionError(f"{replica.name} not serving {expected} after 60 s")
+                time.sleep(0.02)
+            lags[replica.name] = time.monotonic() - started
+        except BaseException as e:  # reported by the caller
+            errors.append(e)
+
+    threads = [threading.Thread(target=probe, args=(r,)) for r in deployment.replicas]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=90)
+    assert errors == [] and len(lags) == len(deployment.replicas), (errors, lags)
     return lags
 
 
@@ -286,10 +298,18 @@ def test_killing_one_replica_mid_load_loses_no_state_and_the_other_keeps_serving
     a_before = deployment.a.metric("loraplex_ab_requests_total", {"experiment": str(experiment.id)})
     _slice_matches_counters(deployment, experiment.id)
 
+    def recorded() -> int:
+        return sum(t.requests for t in store.totals(experiment.id).values()) - recorded_before
+
     stop = threading.Event()
     outcomes: dict[str, list[tuple[float, bool]]] = {"a": [], "b": []}
     sticky: dict[str, str] = {}
     problems: list[str] = []
+    # First b alone, until its requests are in the database: what it wrote must survive it.
+    for i in range(10):
+        user = f"load-{i}"
+        sticky[user] = ask(deployment.b, SPLIT, user)[1]
+    wait_for(lambda: recorded() == 10, timeout=30)
 
     def load(replica: Replica, seed: int) -> None:
         rng = random.Random(seed)
@@ -331,15 +351,13 @@ def test_killing_one_replica_mid_load_loses_no_state_and_the_other_keeps_serving
     # The survivor counted and flushed every request it served.
     a_now = deployment.a.metric("loraplex_ab_requests_total", {"experiment": str(experiment.id)})
     assert a_now - a_before == a_ok
-
-    def recorded() -> int:
-        return sum(t.requests for t in store.totals(experiment.id).values()) - recorded_before
-
-    wait_for(lambda: recorded() >= a_ok, timeout=30)
+    wait_for(lambda: recorded() >= 10 + a_ok, timeout=30)
     time.sleep(1.5)  # one more flush period: nothing else may arrive
-    # Everything a recorded, plus what b had flushed before it died (at most a flush's worth lost).
-    assert a_ok <= recorded() <= a_ok + b_ok
-    print(f"recorded {recorded()} of {a_ok + b_ok} served ({a_ok + b_ok - recorded()} lost with b)")
+    # b's first 10 and everything a served, plus what b flushed of the rest before it died: a
+    # SIGKILL loses at most the flush period b had not written yet.
+    assert 10 + a_ok <= recorded() <= 10 + a_ok + b_ok
+    lost = 10 + a_ok + b_ok - recorded()
+    print(f"recorded {recorded()} of {10 + a_ok + b_ok} served ({lost} lost with b)")
     _slice_matches_counters(deployment, experiment.id)
     # The registry is as it was, the survivor still analyses, and the killed replica left no lock.
     assert deployment.registry.store.routing_snapshot().aliases == routing_before
@@ -355,6 +373,23 @@ def test_killing_one_replica_mid_load_loses_no_state_and_the_other_keeps_serving
     promoted = deployment.a.admin("POST", f"/adapters/{ROLLING}/promote", json={"version": 2})
     assert promoted.status_code == 200, promoted.text
     wait_for(lambda: ask(deployment.a, ROLLING)[0] == f"{ROLLING}@2", timeout=30)
+
+
+@pytest.mark.engine
+@pytest.mark.postgres
+@pytest.mark.xfail(
+    strict=True,
+    reason="vLLM's engine core and worker run in their own process group (server/spawned.py) "
+    "and nothing makes them exit when their server is SIGKILLed: they stay, ~2.5 GB each pair",
+)
+def test_a_killed_replica_leaves_no_engine_process_behind(deployment):
+    deployment.b.kill()  # already killed by the test above when the module runs in order
+    try:
+        wait_for(lambda: not deployment.b.leftovers(), timeout=20)
+    finally:
+        left = [f"{p.pid} {p.name()}" for p in deployment.b.leftovers()]
+        print(f"left behind by the killed replica: {left}")
+        deployment.b.reap()
 
 
 def test_a_replica_silent_past_its_reports_is_marked_presumed_gone(tmp_path):

@@ -1,8 +1,8 @@
 """Several `loraplex serve` processes acting as one deployment: one PostgreSQL database, one S3
 API (moto's server), one disk cache and data dir per replica (as per pod), each on its own port.
 
-`replica_pair` starts two real-engine servers at once (each ~1 min on 2 cores) and kills them
-(SIGKILL of the process group, engine core included) when done.
+`replica_pair` starts two real-engine servers at once (each ~1 min on 2 cores) and, when done,
+kills every process of their sessions (engine core and worker included).
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from pathlib import Path
 
 import httpx
 import openai
+import psutil
 from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy.engine import make_url
 
@@ -66,10 +67,34 @@ class Replica:
         )
 
     def kill(self) -> None:
-        """SIGKILL the whole process group (the server and its engine core), as a node loss."""
+        """SIGKILL the server's process group, as a crash or an OOM kill of the server does. The
+        engine processes run in process groups of their own (server/spawned.py), so they are
+        not signalled: they must notice that their server is gone."""
         if self.process.poll() is None:
             os.killpg(self.process.pid, signal.SIGKILL)
             self.process.wait(timeout=30)
+
+    def leftovers(self) -> list[psutil.Process]:
+        """Live processes of this replica's session (the server and everything it started)."""
+        found = []
+        for process in psutil.process_iter():
+            try:
+                if os.getsid(process.pid) == self.process.pid and (
+                    process.status() != psutil.STATUS_ZOMBIE
+                ):
+                    found.append(process)
+            except (OSError, psutil.Error):
+                continue
+        return found
+
+    def reap(self) -> None:
+        """SIGKILL every process left in this replica's session, so no test run leaks one."""
+        self.kill()
+        for process in self.leftovers():
+            try:
+                process.kill()
+            except psutil.Error:
+                continue
 
 
 def replica_env(home: Path, *, database_url: str, artifacts_url: str, s3: dict[str, str]) -> dict:
@@ -112,7 +137,7 @@ def replica_pair(
         yield replicas
     finally:
         for replica in replicas:
-            replica.kill()
+            replica.reap()
 
 
 @contextmanager
