@@ -8,6 +8,7 @@ from loadtest import cli as loadtest_cli
 from registry import cli as registry_cli
 from server import cli as server_cli
 from server.ab import cli as ab_cli
+from server.fine_tuning import cli as fine_tuning_cli
 from trainer import cli as trainer_cli
 
 app = typer.Typer(
@@ -24,6 +25,7 @@ app.command("train")(trainer_cli.train)
 app.command("distill")(trainer_cli.distill)
 app.command("eval")(trainer_cli.eval_command)
 app.command("loadtest")(loadtest_cli.loadtest)
+app.command("worker")(fine_tuning_cli.worker)
 
 
 def main() -> None:

@@ -18,6 +18,9 @@ from server.ab.http import router as ab_router
 from server.admin import router as admin_router
 from server.api import router
 from server.engine import Engine
+from server.fine_tuning.http import router as fine_tuning_router
+from server.fine_tuning.settings import FineTuningSettings
+from server.fine_tuning.worker import STOP_GRACE_S, in_process_worker
 from server.http_errors import install_error_handlers
 from server.lifecycle import Lifecycle
 from server.metrics import ServerMetrics
@@ -40,10 +43,13 @@ def create_app(
     registry: Registry | None = None,
     admin_key: str | None = None,
     max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
+    fine_tuning: FineTuningSettings | None = None,
 ) -> FastAPI:
     """Build the app. With `manage_engine`, startup starts the engine and preloads adapters and
     shutdown stops it; without, the caller owns the engine's lifetime (a shared test engine).
-    `on_engine_dead(reason)` is called once if the engine dies while serving."""
+    `on_engine_dead(reason)` is called once if the engine dies while serving. `fine_tuning`
+    (default: from the environment) sets the fine-tuning API and its in-process worker."""
+    fine_tuning = fine_tuning or FineTuningSettings()
     metrics = metrics or ServerMetrics(CollectorRegistry())
     state = AppState(
         engine=engine,
@@ -62,9 +68,14 @@ def create_app(
     @asynccontextmanager
     async def lifespan(_: FastAPI):
         lifecycle.begin()
+        worker = in_process_worker(registry, fine_tuning)
+        if worker is not None:
+            worker.start()
         try:
             yield
         finally:
+            if worker is not None:
+                worker.stop(timeout=STOP_GRACE_S + 5)
             await lifecycle.stop()
 
     app = FastAPI(title="loraplex", version=__version__, lifespan=lifespan)
@@ -72,9 +83,11 @@ def create_app(
     app.state.loraplex_lifecycle = lifecycle  # the runner starts its drain on a stop signal
     app.state.loraplex_registry = registry
     app.state.loraplex_admin_key = admin_key
+    app.state.loraplex_fine_tuning = fine_tuning
     install_error_handlers(app)
     app.add_middleware(RequestLimits, max_body_bytes=max_request_bytes)
     app.include_router(router)
     app.include_router(admin_router)
     app.include_router(ab_router)
+    app.include_router(fine_tuning_router)
     return app

@@ -1,0 +1,245 @@
+"""Fine-tuning's storage: uploaded files' metadata, jobs, their events and checkpoints, in the
+registry database (tables: registry.fine_tuning_tables). Jobs are a queue: a worker claims the
+oldest unclaimed one under a row lock (`FOR UPDATE SKIP LOCKED` on PostgreSQL; on SQLite the
+write transaction's BEGIN IMMEDIATE serialises claims), so two workers never take one job.
+A claimed job carries its worker's name and heartbeat. The file bytes live in the artifact
+store; this module only records where.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Mapping
+from datetime import datetime
+from typing import Any
+
+from sqlmodel import Session, select
+
+from registry.errors import NotFoundError
+from registry.fine_tuning_tables import CheckpointRow, FileRow, JobEventRow, JobRow
+from registry.store import RegistryStore
+from registry.tables import utc_now
+
+PENDING = ("validating_files", "queued")
+ACTIVE = (*PENDING, "running")
+FINISHED = ("succeeded", "failed", "cancelled")
+
+
+class FineTuningNotFoundError(NotFoundError):
+    pass
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{secrets.token_hex(12)}"
+
+
+class FineTuningStore:
+    """Files, jobs, events and checkpoints; every write is one transaction."""
+
+    def __init__(self, store: RegistryStore) -> None:
+        self._store = store
+
+    # Files
+
+    def add_file(self, **fields: Any) -> FileRow:
+        row = FileRow(id=new_id("file"), **fields)
+        with self._store.write() as session:
+            session.add(row)
+        return row
+
+    def get_file(self, file_id: str) -> FileRow:
+        with self._store.read() as session:
+            return _file(session, file_id)
+
+    def list_files(self, *, purpose: str | None = None, limit: int = 10000) -> list[FileRow]:
+        query = select(FileRow).order_by(FileRow.seq.desc()).limit(limit)
+        if purpose is not None:
+            query = query.where(FileRow.purpose == purpose)
+        with self._store.read() as session:
+            return list(session.exec(query))
+
+    def delete_file(self, file_id: str) -> FileRow:
+        with self._store.write() as session:
+            row = _file(session, file_id)
+            session.delete(row)
+        return row
+
+    # Jobs
+
+    def create_job(self, **fields: Any) -> JobRow:
+        """A new job, `validating_files`, with its first event."""
+        row = JobRow(id=new_id("ftjob"), status="validating_files", **fields)
+        with self._store.write() as session:
+            session.add(row)
+            session.flush()
+            session.add(_event(row, f"Created fine-tuning job: {row.id}"))
+        return row
+
+    def get_job(self, job_id: str) -> JobRow:
+        with self._store.read() as session:
+            return _job(session, job_id)
+
+    def list_jobs(
+        self, *, after: str | None = None, limit: int = 20, metadata: Mapping[str, str] = {}
+    ) -> tuple[list[JobRow], bool]:
+        """Newest first, after the job `after` (cursor), the ones whose metadata has every
+        given key=value; and whether more follow."""
+        with self._store.read() as session:
+            query = select(JobRow).order_by(JobRow.seq.desc())
+            if after is not None:
+                query = query.where(JobRow.seq < _job(session, after).seq)
+            found = []
+            for row in session.exec(query):  # metadata is JSON: filtered here, portably
+                if all((row.job_metadata or {}).get(k) == v for k, v in metadata.items()):
+                    found.append(row)
+                    if len(found) > limit:
+                        break
+        return found[:limit], len(found) > limit
+
+    def request_cancel(self, job_id: str) -> JobRow:
+        """A job not started yet is cancelled at once; a running one is flagged for its worker
+        (which stops the training and marks it cancelled); a finished one is left as it is."""
+        with self._store.write() as session:
+            row = _job(session, job_id, lock=True)
+            if row.status in PENDING and row.worker is None:
+                _finish(session, row, "cancelled")
+            elif row.status in ACTIVE:
+                row.cancel_requested = True
+                session.add(row)
+        return row
+
+    def claim(self, worker: str) -> JobRow | None:
+        """The oldest unclaimed pending job, now this worker's; None when there is none."""
+        with self._store.write() as session:
+            query = (
+                select(JobRow)
+                .where(JobRow.status.in_(PENDING), JobRow.worker.is_(None))
+                .order_by(JobRow.seq)
+                .limit(1)
+                .with_for_update(skip_locked=True)
+            )
+            row = session.exec(query).first()
+            if row is None:
+                return None
+            now = utc_now()
+            row.worker, row.heartbeat_at, row.started_at = worker, now, now
+            session.add(row)
+            session.add(_event(row, f"Claimed by worker {worker}"))
+        return row
+
+    def heartbeat(self, job_id: str, worker: str) -> bool:
+        """Record that `worker` still runs the job; whether a cancel was asked for."""
+        with self._store.write() as session:
+            row = _job(session, job_id, lock=True)
+            if row.worker == worker:
+                row.heartbeat_at = utc_now()
+                session.add(row)
+            return row.cancel_requested
+
+    def set_status(
+        self, job_id: str, status: str, *, message: str | None = None, level: str = "info",
+        **fields: Any,
+    ) -> JobRow:  # fmt: skip
+        """Move the job to `status` (finished ones get finished_at), set `fields`, and log
+        `message` as an event, in one transaction."""
+        with self._store.write() as session:
+            row = _job(session, job_id, lock=True)
+            for key, value in fields.items():
+                setattr(row, key, value)
+            if status in FINISHED:
+                _finish(session, row, status)
+            else:
+                row.status = status
+                session.add(row)
+            if message:
+                session.add(_event(row, message, level=level))
+        return row
+
+    # Events and checkpoints
+
+    def add_event(
+        self, job_id: str, message: str, *, level: str = "info", type: str = "message",
+        data: Mapping[str, Any] | None = None,
+    ) -> None:  # fmt: skip
+        with self._store.write() as session:
+            row = _job(session, job_id)
+            session.add(_event(row, message, level=level, type=type, data=data))
+
+    def list_events(
+        self, job_id: str, *, after: str | None = None, limit: int = 20
+    ) -> tuple[list[JobEventRow], bool]:
+        """Newest first, after the event `after` (an id as `event_id` writes it)."""
+        with self._store.read() as session:
+            job = _job(session, job_id)
+            query = select(JobEventRow).where(JobEventRow.job_seq == job.seq)
+            if after is not None:
+                query = query.where(JobEventRow.seq < _seq(after, "ftevent"))
+            rows = list(session.exec(query.order_by(JobEventRow.seq.desc()).limit(limit + 1)))
+        return rows[:limit], len(rows) > limit
+
+    def add_checkpoint(self, job_id: str, step: int, metrics: Mapping[str, Any]) -> None:
+        with self._store.write() as session:
+            job = _job(session, job_id)
+            session.add(CheckpointRow(job_seq=job.seq, step=step, metrics=dict(metrics)))
+
+    def list_checkpoints(
+        self, job_id: str, *, after: str | None = None, limit: int = 10
+    ) -> tuple[list[CheckpointRow], bool]:
+        with self._store.read() as session:
+            job = _job(session, job_id)
+            query = select(CheckpointRow).where(CheckpointRow.job_seq == job.seq)
+            if after is not None:
+                query = query.where(CheckpointRow.seq < _seq(after, "ftckpt"))
+            rows = list(session.exec(query.order_by(CheckpointRow.seq.desc()).limit(limit + 1)))
+        return rows[:limit], len(rows) > limit
+
+
+def event_id(row: JobEventRow) -> str:
+    return f"ftevent-{row.seq}"
+
+
+def checkpoint_id(row: CheckpointRow) -> str:
+    return f"ftckpt-{row.seq}"
+
+
+def unix(at: datetime | None) -> int | None:
+    return int(at.timestamp()) if at is not None else None
+
+
+def _seq(cursor: str, prefix: str) -> int:
+    number = cursor.removeprefix(f"{prefix}-")
+    if not number.isdigit():
+        raise FineTuningNotFoundError(f"no such cursor {cursor!r}")
+    return int(number)
+
+
+def _event(
+    job: JobRow, message: str, *, level: str = "info", type: str = "message",
+    data: Mapping[str, Any] | None = None,
+) -> JobEventRow:  # fmt: skip
+    return JobEventRow(
+        job_seq=job.seq, level=level, type=type, message=message,
+        data=dict(data) if data is not None else None,
+    )  # fmt: skip
+
+
+def _finish(session: Session, row: JobRow, status: str) -> None:
+    row.status, row.finished_at = status, utc_now()
+    session.add(row)
+    if status == "cancelled":
+        session.add(_event(row, "Fine-tuning job cancelled"))
+
+
+def _file(session: Session, file_id: str) -> FileRow:
+    row = session.exec(select(FileRow).where(FileRow.id == file_id)).first()
+    if row is None:
+        raise FineTuningNotFoundError(f"No such file: {file_id!r}")
+    return row
+
+
+def _job(session: Session, job_id: str, *, lock: bool = False) -> JobRow:
+    query = select(JobRow).where(JobRow.id == job_id)
+    row = session.exec(query.with_for_update() if lock else query).first()
+    if row is None:
+        raise FineTuningNotFoundError(f"No such fine-tuning job: {job_id!r}")
+    return row
