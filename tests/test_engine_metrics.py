@@ -42,32 +42,36 @@ async def _stream(client: openai.AsyncOpenAI, model: str, started: asyncio.Event
 
 
 async def _scrape_while_streaming(
-    url: str, client: openai.AsyncOpenAI, models: list[str], *, wait: bool = True
+    url: str, models: list[str], *, wait: bool = True
 ) -> list[EppMetrics]:
     """Stream one request per model at once and scrape until all end: from the moment every
-    stream has produced a token with `wait`, at once without."""
-    events = [asyncio.Event() for _ in models]
-    tasks = [
-        asyncio.create_task(_stream(client, m, e)) for m, e in zip(models, events, strict=True)
-    ]
-    if wait:
-        await asyncio.gather(*(e.wait() for e in events))
-    seen = []
-    while not all(task.done() for task in tasks):
-        seen.append((await asyncio.to_thread(scrape, url))[1])
-        await asyncio.sleep(0.05)
-    served = await asyncio.gather(*tasks)
+    stream has produced a token with `wait`, at once without. A client per call: an async
+    client's connections belong to the event loop that opened them."""
+    async with openai.AsyncOpenAI(
+        base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=300
+    ) as client:
+        events = [asyncio.Event() for _ in models]
+        tasks = [
+            asyncio.create_task(_stream(client, m, e)) for m, e in zip(models, events, strict=True)
+        ]
+        if wait:
+            await asyncio.gather(*(e.wait() for e in events))
+        seen = []
+        while not all(task.done() for task in tasks):
+            seen.append((await asyncio.to_thread(scrape, url))[1])
+            await asyncio.sleep(0.05)
+        served = await asyncio.gather(*tasks)
     assert served == models  # the identity that served each is the name it was asked for
     return seen
 
 
-def test_running_lora_adapters_name_what_is_in_flight(real_server, async_client, test_adapters):
+def test_running_lora_adapters_name_what_is_in_flight(real_server, test_adapters):
     name = f"gie-{uuid.uuid4().hex[:8]}"
     version = real_server.registry.register(name, test_adapters["prefix"], actor="test")
     pinned = version.ref
     models = ["caps", pinned]
 
-    seen = asyncio.run(_scrape_while_streaming(real_server.url, async_client, models))
+    seen = asyncio.run(_scrape_while_streaming(real_server.url, models))
 
     assert seen, "no scrape happened while both streams ran"
     both = [m for m in seen if m.active_models >= set(models)]
@@ -101,9 +105,7 @@ def test_metrics_text_is_what_the_endpoint_picker_accepts(real_server, client):
     assert "loraplex_requests_total" in families  # the server's own instruments alongside
 
 
-def test_an_adapter_beyond_max_loras_waits_and_is_named_waiting(
-    real_server, async_client, test_adapters
-):
+def test_an_adapter_beyond_max_loras_waits_and_is_named_waiting(real_server, test_adapters):
     """Four adapters at once on an engine with three LoRA slots: vLLM runs three and queues the
     fourth; the queue length and waiting_lora_adapters say so, as the EPP reads them."""
     name = f"gie-wait-{uuid.uuid4().hex[:8]}"
@@ -113,7 +115,7 @@ def test_an_adapter_beyond_max_loras_waits_and_is_named_waiting(
     ]
     models = ["caps", "prefix", *extra]
 
-    seen = asyncio.run(_scrape_while_streaming(real_server.url, async_client, models, wait=False))
+    seen = asyncio.run(_scrape_while_streaming(real_server.url, models, wait=False))
 
     queued = [m for m in seen if m.waiting_queue_size > 0 and m.waiting_models]
     assert queued, f"nothing ever waited: {[(m.active_models, m.waiting_models) for m in seen]}"
