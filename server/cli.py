@@ -74,6 +74,12 @@ def serve(
         int | None, typer.Option(help="context window in tokens [2048]")
     ] = None,
     kv_cache_gib: Annotated[int | None, typer.Option(help="CPU KV cache size in GiB [2]")] = None,
+    tensor_parallel_size: Annotated[
+        int | None, typer.Option(help="GPUs one engine shards the model over [1]")
+    ] = None,
+    gpu_memory_utilization: Annotated[
+        float | None, typer.Option(help="share of each GPU's memory vLLM may use [vLLM's]")
+    ] = None,
     max_num_seqs: Annotated[
         int | None, typer.Option(help="sequences decoded per step [32]")
     ] = None,
@@ -107,6 +113,8 @@ def serve(
         "model": model, "host": host, "port": port, "adapters": adapter or None,
         "served_name": served_name, "max_loras": max_loras, "max_lora_rank": max_lora_rank,
         "max_model_len": max_model_len, "kv_cache_gib": kv_cache_gib,
+        "tensor_parallel_size": tensor_parallel_size,
+        "gpu_memory_utilization": gpu_memory_utilization,
         "max_num_seqs": max_num_seqs, "max_queued_requests": max_queued_requests,
         "api_keys": api_key or None, "home": home, "admin_key": admin_key,
         "registry": registry, "artifacts": artifacts, "adapter_cache_gib": adapter_cache_gib,

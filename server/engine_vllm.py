@@ -51,6 +51,8 @@ class VllmEngineSettings:
     max_num_seqs: int = 32
     max_queued_requests: int | None = None  # beyond this, requests get 429 (None: unbounded)
     kv_cache_gib: int = 1
+    tensor_parallel_size: int = 1
+    gpu_memory_utilization: float | None = None  # None: vLLM's default (GPU only)
     dtype: str = "auto"  # loraplex.hardware.choose_dtype's choice; "auto" lets vLLM pick
     dtype_reason: str = ""
     seed: int = 0
@@ -165,6 +167,12 @@ class VllmEngine:
             max_lora_rank=s.max_lora_rank,
             max_cpu_loras=max(s.max_cpu_loras, s.max_loras),
             seed=s.seed,
+            tensor_parallel_size=s.tensor_parallel_size,
+            **(
+                {}
+                if s.gpu_memory_utilization is None
+                else {"gpu_memory_utilization": s.gpu_memory_utilization}
+            ),
             generation_config="vllm",  # sampling defaults come from the request, not the model
             use_tqdm_on_load=log.isEnabledFor(logging.INFO),  # progress bars only when verbose
         )

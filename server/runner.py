@@ -47,6 +47,8 @@ def build_engine(settings: ServeSettings, *, model_dir: Path):
             max_num_seqs=settings.max_num_seqs,
             max_queued_requests=settings.max_queued_requests,
             kv_cache_gib=settings.kv_cache_gib,
+            tensor_parallel_size=settings.tensor_parallel_size,
+            gpu_memory_utilization=settings.gpu_memory_utilization,
             patch_lora_ops=settings.lora_ops == "loraplex",
             dtype=dtype.dtype,
             dtype_reason=dtype.reason,

@@ -29,6 +29,14 @@ class ServeSettings(RegistrySettings):
     max_num_seqs: int = Field(default=32, ge=1, description="sequences decoded per step")
     max_queued_requests: int = Field(default=512, ge=1, description="beyond this: 429")
     kv_cache_gib: int = Field(default=2, ge=1, description="CPU KV cache size (GiB)")
+    tensor_parallel_size: int = Field(
+        default=1,
+        ge=1,
+        description="GPUs one engine shards the model over (vLLM's tensor parallelism)",
+    )
+    gpu_memory_utilization: float | None = Field(
+        default=None, gt=0, le=1, description="share of each GPU's memory vLLM may use (GPU only)"
+    )
     lora_ops: Literal["loraplex", "vllm"] = Field(
         default="loraplex",
         description="CPU LoRA ops: loraplex's (fused, base rows isolated) or vLLM's own",

@@ -46,3 +46,23 @@ def test_more_local_adapters_than_engine_slots_is_refused_at_startup(tmp_path: P
     metrics = ServerMetrics(CollectorRegistry())
     with pytest.raises(ServeError, match="3 --adapter folders but the engine holds 2"):
         build_resolver(settings, engine=FakeEngine(), metrics=metrics)
+
+
+def test_parallelism_settings_reach_the_engine_arguments(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The Kubernetes GPU overlay sets these through the environment; they must reach vLLM's
+    # engine arguments, not stop at the settings object.
+    from server.runner import build_engine
+
+    monkeypatch.setenv("LORAPLEX_TENSOR_PARALLEL_SIZE", "2")
+    monkeypatch.setenv("LORAPLEX_GPU_MEMORY_UTILIZATION", "0.85")
+    engine = build_engine(ServeSettings(home=tmp_path), model_dir=tmp_path)
+    from vllm.v1.engine.async_llm import AsyncLLM
+
+    monkeypatch.setattr(AsyncLLM, "from_engine_args", staticmethod(lambda args: args))
+    args = engine._build()  # the AsyncEngineArgs the engine would start with
+    assert args.tensor_parallel_size == 2
+    assert args.gpu_memory_utilization == 0.85
+    with pytest.raises(ValueError, match="gpu_memory_utilization"):
+        ServeSettings(home=tmp_path, gpu_memory_utilization=1.5)
