@@ -214,6 +214,9 @@ def test_images_and_accelerators_per_overlay() -> None:
         }
         if overlay == "gpu":
             assert gpus == {"requests": "1", "limits": "1"}
+            # vLLM shards the model over exactly the GPUs the pod is given.
+            env = container_env(objects, server_container(objects))
+            assert env["LORAPLEX_TENSOR_PARALLEL_SIZE"] == gpus["limits"]
         else:
             assert gpus == {"requests": None, "limits": None}
         assert resources["requests"]["memory"] and resources["limits"]["memory"]
