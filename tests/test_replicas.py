@@ -4,7 +4,7 @@ and the admin API of either replica.
 
 A promotion or rollback through one is served by both; a user gets the same variant on both;
 feedback given through one shows in the status read through the other; an automatic decision is
-taken once; and a replica killed mid-load loses no registry or experiment state while the other
+taken once, by one of the two or by the survivor alone; and a replica killed mid-load loses no registry or experiment state while the other
 keeps serving (the status then marks the silent one, once it is past its reports). The replicas
 start once for the module (~1-2 min on 2 cores); the kill test runs last of them.
 """
@@ -42,7 +42,7 @@ S3_ENV = {
     "AWS_SECRET_ACCESS_KEY": "testing",
     "AWS_DEFAULT_REGION": "us-east-1",
 }
-ROLLING, SPLIT, AUTO = "rolling", "split", "auto"  # one adapter name per concern
+ROLLING, SPLIT, AUTO, SOLO = "rolling", "split", "auto", "solo"  # one adapter name per concern
 
 
 class Deployment:
@@ -77,7 +77,7 @@ def deployment(request, tmp_path_factory, embedded_model_dir) -> Iterator[Deploy
         artifacts = f"s3://{bucket}/adapters"
         settings = RegistrySettings(home=root / "tester", registry=url, artifacts=artifacts)
         with Registry.open(settings) as registry:
-            for name in (ROLLING, SPLIT, AUTO):
+            for name in (ROLLING, SPLIT, AUTO, SOLO):
                 registry.register(name, adapters["caps"], actor="setup")
                 registry.register(name, adapters["prefix"], actor="setup")
                 registry.store.promote(name, 1, actor="setup", reason="first release")
@@ -100,7 +100,7 @@ def ask(replica: Replica, model: str, user: str | None = None) -> tuple[str, str
     return reply.model, raw.headers.get("x-loraplex-variant"), reply.id
 
 
-def served_everywhere(deployment: Deployment, model: str, expected: str) -> dict[str, float]:
+def served_everywhere(replicas: list[Replica], model: str, expected: str) -> dict[str, float]:
     """Poll every replica (each in its own thread, so one's latency does not delay the other's
     probe) until `model` answers as `expected`; the seconds each one took."""
     started = time.monotonic()
@@ -117,12 +117,12 @@ def served_everywhere(deployment: Deployment, model: str, expected: str) -> dict
         except BaseException as e:  # reported by the caller
             errors.append(e)
 
-    threads = [threading.Thread(target=probe, args=(r,)) for r in deployment.replicas]
+    threads = [threading.Thread(target=probe, args=(r,)) for r in replicas]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join(timeout=90)
-    assert errors == [] and len(lags) == len(deployment.replicas), (errors, lags)
+    assert errors == [] and len(lags) == len(replicas), (errors, lags)
     return lags
 
 
@@ -132,9 +132,9 @@ def start_experiment(replica: Replica, name: str, **body) -> dict:
     return response.json()
 
 
-def applied_everywhere(deployment: Deployment, name: str, experiment_id: int) -> None:
+def applied_everywhere(replicas: list[Replica], name: str, experiment_id: int) -> None:
     def applied() -> bool:
-        for replica in deployment.replicas:
+        for replica in replicas:
             raw = replica.client.chat.completions.with_raw_response.create(
                 model=name, messages=[{"role": "user", "content": "hi"}], max_tokens=1,
                 user="probe",
@@ -154,13 +154,13 @@ def test_a_promotion_and_a_rollback_through_one_replica_are_served_by_both(deplo
     }  # fmt: skip
     promoted = deployment.a.admin("POST", f"/adapters/{ROLLING}/promote", json={"version": 2})
     assert promoted.status_code == 200, promoted.text
-    lags = served_everywhere(deployment, ROLLING, f"{ROLLING}@2")
+    lags = served_everywhere(deployment.replicas, ROLLING, f"{ROLLING}@2")
     print(f"promote through a: served by a after {lags['a']:.2f} s, by b after {lags['b']:.2f} s")
 
     rolled = deployment.b.admin("POST", f"/adapters/{ROLLING}/rollback", json={})
     assert rolled.status_code == 200, rolled.text
     assert (rolled.json()["from"], rolled.json()["to"]) == (2, 1)
-    lags = served_everywhere(deployment, ROLLING, f"{ROLLING}@1")
+    lags = served_everywhere(deployment.replicas, ROLLING, f"{ROLLING}@1")
     print(f"rollback through b: served by a after {lags['a']:.2f} s, by b after {lags['b']:.2f} s")
     history = deployment.registry.store.history(ROLLING)
     assert [(m.kind, m.to_version, m.actor) for m in history[-2:]] == [
@@ -172,7 +172,7 @@ def test_a_promotion_and_a_rollback_through_one_replica_are_served_by_both(deplo
 @pytest.mark.postgres
 def test_a_user_gets_the_same_variant_on_both_replicas(deployment):
     started = start_experiment(deployment.a, SPLIT, variants={"1": 1.0, "2": 1.0})
-    applied_everywhere(deployment, SPLIT, started["id"])
+    applied_everywhere(deployment.replicas, SPLIT, started["id"])
     users = [f"user-{i}" for i in range(40)]
     on_a = {u: ask(deployment.a, SPLIT, u)[:2] for u in users}
     on_b = {u: ask(deployment.b, SPLIT, u)[:2] for u in users}
@@ -227,50 +227,55 @@ def _close(got: dict[str, tuple[int, float]], want: dict[str, tuple[int, float]]
     )
 
 
-@pytest.mark.engine
-@pytest.mark.postgres
-def test_an_automatic_decision_is_taken_exactly_once(deployment):
+def decide_automatically(deployment: Deployment, name: str, replicas: list[Replica]) -> int:
+    """Start an `--auto` experiment on NAME through the first of `replicas` and send traffic
+    through them until it decides: the candidate always pleases, the control never. Checks the
+    decision happened once; returns the experiment id."""
     config = {"auto": True, "window_seconds": 0.5, "dwell_seconds": 0, "final_dwell_seconds": 0,
               "min_users_per_arm": 15, "guardrails": {}}  # fmt: skip
     started = start_experiment(
-        deployment.b, AUTO, control=1, candidate=2, ramp=[50.0], config=config
+        replicas[0], name, control=1, candidate=2, ramp=[50.0], config=config
     )
-    applied_everywhere(deployment, AUTO, started["id"])
     experiment_id = started["id"]
+    applied_everywhere(replicas, name, experiment_id)
     sent = 0
 
-    def decided() -> bool:  # the candidate always pleases, the control never
+    def decided() -> bool:
         nonlocal sent
         for _ in range(6):
             sent += 1
-            served_by = deployment.replicas[sent % 2]
-            model, _, completion = ask(served_by, AUTO, f"sim-{sent}")
-            rater = deployment.replicas[(sent // 2) % 2]  # often not the one that served
-            score = 1.0 if model == f"{AUTO}@2" else 0.0
+            served_by = replicas[sent % len(replicas)]
+            model, _, completion = ask(served_by, name, f"sim-{sent}")
+            rater = replicas[(sent // 2) % len(replicas)]  # often not the one that served
+            score = 1.0 if model == f"{name}@2" else 0.0
             httpx.post(
                 f"{rater.url}/v1/feedback", json={"completion_id": completion, "score": score}
             )
         return not deployment.experiments.get(experiment_id).running
 
     wait_for(decided, timeout=240, every=0)
-    print(f"automatic promotion after {sent} requests")
-    final = deployment.experiments.get(experiment_id)
-    assert final.status == "promoted"
+    print(f"{name}: automatic promotion after {sent} requests through {len(replicas)} replica(s)")
+    assert deployment.experiments.get(experiment_id).status == "promoted"
     ends = [e for e in deployment.experiments.events(experiment_id) if e.kind == "end"]
     assert len(ends) == 1
-    moves = [
-        m for m in deployment.registry.store.history(AUTO)
-        if m.details and m.details.get("experiment") == experiment_id
-    ]  # fmt: skip
-    assert [(m.kind, m.to_version) for m in moves] == [("promote", 2)]
     time.sleep(2.5)  # two more analysis passes on each replica: nothing more may happen
-    assert len(deployment.registry.store.history(AUTO)) == 2  # setup's promotion, then this
+    history = deployment.registry.store.history(name)
+    moves = [m for m in history if m.details and m.details.get("experiment") == experiment_id]
+    assert [(m.kind, m.to_version) for m in moves] == [("promote", 2)]
+    assert len(history) == 2  # setup's promotion, then this one
+    served_everywhere(replicas, name, f"{name}@2")
+    return experiment_id
+
+
+@pytest.mark.engine
+@pytest.mark.postgres
+def test_an_automatic_decision_is_taken_exactly_once(deployment):
+    experiment_id = decide_automatically(deployment, AUTO, [deployment.b, deployment.a])
     actions = {
         r.name: r.metric("loraplex_ab_actions_total", {"experiment": str(experiment_id)})
         for r in deployment.replicas
     }
     assert sorted(actions.values()) == [0, 1], actions  # one acted, the other did nothing
-    served_everywhere(deployment, AUTO, f"{AUTO}@2")
 
 
 def _slice_matches_counters(deployment: Deployment, experiment_id: int) -> None:
@@ -373,6 +378,15 @@ def test_killing_one_replica_mid_load_loses_no_state_and_the_other_keeps_serving
     promoted = deployment.a.admin("POST", f"/adapters/{ROLLING}/promote", json={"version": 2})
     assert promoted.status_code == 200, promoted.text
     wait_for(lambda: ask(deployment.a, ROLLING)[0] == f"{ROLLING}@2", timeout=30)
+
+
+@pytest.mark.engine
+@pytest.mark.postgres
+def test_with_one_replica_left_the_survivor_alone_takes_the_decision_once(deployment):
+    deployment.b.kill()  # already killed by the test above when the module runs in order
+    experiment_id = decide_automatically(deployment, SOLO, [deployment.a])
+    actions = deployment.a.metric("loraplex_ab_actions_total", {"experiment": str(experiment_id)})
+    assert actions == 1
 
 
 @pytest.mark.engine
