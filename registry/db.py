@@ -156,13 +156,14 @@ class SchemaState:
     def refusal(self) -> str:
         """Why this code may not use a database in status "incompatible"."""
         if self.min_reader is None:
-            needs = "does not say which releases can use it"
+            needs, why = "does not say which releases can use it", "an unknown migration"
         else:
             needs = f"needs loraplex code at schema {self.min_reader} or newer"
+            why = "a newer loraplex's contract step"
         return (
             f"the registry database is at schema {self.revision}, which {needs}; this loraplex "
-            f"knows schema up to {SCHEMA_HEAD}: a newer loraplex migrated it (a contract step), "
-            f"so upgrade this loraplex (the database was left unchanged)"
+            f"knows schema up to {SCHEMA_HEAD}. It was changed by {why}: run a loraplex that "
+            f"knows schema {self.revision} (the database was left unchanged)"
         )
 
 

@@ -200,6 +200,20 @@ def test_a_newer_contract_schema_is_refused_naming_both_revisions(
         engine.dispose()
 
 
+def test_an_unknown_revision_without_a_compatibility_row_is_refused(database_url):
+    engine = create_registry_engine(database_url)
+    try:
+        upgrade_schema(engine, revision="0003")  # before the compatibility row existed
+        with engine.begin() as conn:
+            conn.execute(text("UPDATE alembic_version SET version_num = 'a1b2c3'"))
+    finally:
+        engine.dispose()
+    message = "at schema a1b2c3, which does not say which releases can use it; this loraplex"
+    with pytest.raises(RegistryDatabaseError, match=message):
+        open_engine(database_url)
+    assert migrate_cli(database_url, "--check").exit_code == 1
+
+
 def test_an_older_schema_is_upgraded_and_migrate_is_idempotent(database_url):
     engine = create_registry_engine(database_url)
     try:
