@@ -162,8 +162,7 @@ class Worker:
             self.jobs.set_status(job.id, "cancelled", message="Training stopped")
             return
         if process.returncode != 0:
-            tail = log_path.read_text(errors="replace")[-TAIL_CHARS:].strip()
-            return self._fail(job, "training_failed", f"loraplex train failed: {tail}")
+            return self._fail(job, "training_failed", f"loraplex train failed: {_reason(log_path)}")
         result = json.loads(stdout.result())
         metrics = json.loads(Path(result["metrics"]).read_text(encoding="utf-8"))
         ref = result["version"]["ref"]
@@ -171,6 +170,15 @@ class Worker:
             job.id, "succeeded", fine_tuned_model=ref, trained_tokens=metrics.get("tokens_trained"),
             message=f"The job has successfully completed: {ref}",
         )  # fmt: skip
+
+
+def _reason(log_path: Path) -> str:
+    """The log's own error lines (`error: ...`, an exception's last line), not a traceback."""
+    lines = [line for line in log_path.read_text(errors="replace").splitlines() if line.strip()]
+    errors = [line for line in lines if line.startswith("error:")]
+    if not errors:
+        errors = [line for line in lines if not line[:1].isspace()][-1:]
+    return " ".join(errors)[-TAIL_CHARS:] or "no output"
 
 
 class _Progress:
