@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import secrets
 from collections.abc import Mapping
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
+from sqlalchemy import and_, or_
 from sqlmodel import Session, select
 
 from registry.errors import NotFoundError
@@ -23,6 +24,7 @@ from registry.tables import utc_now
 PENDING = ("validating_files", "queued")
 ACTIVE = (*PENDING, "running")
 FINISHED = ("succeeded", "failed", "cancelled")
+STALE_SECONDS = 120.0  # a worker beats every second or so while it trains
 
 
 class FineTuningNotFoundError(NotFoundError):
@@ -108,12 +110,18 @@ class FineTuningStore:
                 session.add(row)
         return row
 
-    def claim(self, worker: str) -> JobRow | None:
-        """The oldest unclaimed pending job, now this worker's; None when there is none."""
+    def claim(self, worker: str, *, stale_seconds: float = STALE_SECONDS) -> JobRow | None:
+        """The oldest unclaimed pending job, or an active one whose worker has not beaten for
+        `stale_seconds` (it died: the job starts over here), now this worker's; None when there
+        is none."""
+        stale = utc_now() - timedelta(seconds=stale_seconds)
         with self._store.write() as session:
+            unclaimed = and_(JobRow.status.in_(PENDING), JobRow.worker.is_(None))
+            abandoned = and_(JobRow.status.in_(ACTIVE), JobRow.worker.is_not(None),
+                             JobRow.heartbeat_at < stale, JobRow.cancel_requested.is_(False))  # fmt: skip
             query = (
                 select(JobRow)
-                .where(JobRow.status.in_(PENDING), JobRow.worker.is_(None))
+                .where(or_(unclaimed, abandoned))
                 .order_by(JobRow.seq)
                 .limit(1)
                 .with_for_update(skip_locked=True)
@@ -121,19 +129,22 @@ class FineTuningStore:
             row = session.exec(query).first()
             if row is None:
                 return None
-            now = utc_now()
+            now, previous, last = utc_now(), row.worker, row.heartbeat_at
             row.worker, row.heartbeat_at, row.started_at = worker, now, now
             session.add(row)
-            session.add(_event(row, f"Claimed by worker {worker}"))
+            taken = f" from {previous}, silent since {last:%Y-%m-%d %H:%M:%S}" if previous else ""
+            session.add(_event(row, f"Claimed by worker {worker}{taken}"))
         return row
 
     def heartbeat(self, job_id: str, worker: str) -> bool:
-        """Record that `worker` still runs the job; whether a cancel was asked for."""
+        """Record that `worker` still runs the job; whether it must stop (a cancel was asked
+        for, or the job was given to another worker after this one fell silent)."""
         with self._store.write() as session:
             row = _job(session, job_id, lock=True)
-            if row.worker == worker:
-                row.heartbeat_at = utc_now()
-                session.add(row)
+            if row.worker != worker:
+                return True
+            row.heartbeat_at = utc_now()
+            session.add(row)
             return row.cancel_requested
 
     def set_status(

@@ -11,6 +11,7 @@ stopped run registers nothing.
 
 from __future__ import annotations
 
+import ctypes
 import json
 import logging
 import os
@@ -33,6 +34,7 @@ log = logging.getLogger(__name__)
 BASE_LR = 2e-4  # the trainer's SFT default; learning_rate_multiplier scales it
 STOP_GRACE_S = 5.0
 TAIL_CHARS = 2000
+PR_SET_PDEATHSIG = 1
 
 
 class Worker:
@@ -142,6 +144,7 @@ class Worker:
             process = subprocess.Popen(
                 self._command(job, data, val, out), stdout=subprocess.PIPE, stderr=stderr,
                 start_new_session=True,  # its own process group: a cancel stops the gate too
+                preexec_fn=_die_with_parent,
             )  # fmt: skip
             progress = _Progress(self.jobs, job.id, out)
             stdout = _drain(process)
@@ -158,6 +161,9 @@ class Worker:
                     _stop(process)
                 time.sleep(0.5)
         progress.read()
+        if self.jobs.get_job(job.id).worker != self.name:
+            log.warning("fine-tuning job %s was given to another worker; stopped it here", job.id)
+            return
         if cancelled and process.returncode != 0:
             self.jobs.set_status(job.id, "cancelled", message="Training stopped")
             return
@@ -170,6 +176,15 @@ class Worker:
             job.id, "succeeded", fine_tuned_model=ref, trained_tokens=metrics.get("tokens_trained"),
             message=f"The job has successfully completed: {ref}",
         )  # fmt: skip
+
+
+def _die_with_parent() -> None:
+    """In the training process (Linux): a worker that dies takes its training with it, so a
+    job taken over by another worker is never registered twice."""
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    except OSError:
+        pass
 
 
 def _reason(log_path: Path) -> str:

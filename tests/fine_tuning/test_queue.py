@@ -81,3 +81,21 @@ def test_job_pages_follow_the_cursor_newest_first(database_url: str, limit: int)
         after = page[-1].id if page else None
     assert seen == created[::-1]
     store.close()
+
+
+def test_a_job_whose_worker_fell_silent_is_taken_over_and_the_old_worker_told_to_stop(
+    database_url: str,
+) -> None:
+    store = RegistryStore.open(database_url)
+    jobs = FineTuningStore(store)
+    (job,) = make_jobs(jobs, 1)
+    assert jobs.claim("dead").id == job
+    jobs.set_status(job, "running")
+    assert jobs.claim("alive", stale_seconds=3600) is None  # its worker beat just now
+    taken = jobs.claim("alive", stale_seconds=0)
+    assert taken is not None and (taken.id, taken.worker) == (job, "alive")
+    assert jobs.heartbeat(job, "dead") is True  # the old worker, if it still runs, stops
+    assert jobs.heartbeat(job, "alive") is False
+    events, _ = jobs.list_events(job, limit=50)
+    assert any("from dead" in e.message for e in events)
+    store.close()
