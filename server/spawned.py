@@ -15,6 +15,8 @@ import logging
 import multiprocessing
 import os
 import sys
+import threading
+import time
 
 
 def prepare_spawned_engine_process() -> None:
@@ -30,6 +32,9 @@ def prepare_spawned_engine_process() -> None:
     # them in order, as for a SIGTERM from a supervisor.
     with contextlib.suppress(OSError):
         os.setpgid(0, 0)
+    # Outside the server's process group nothing stops them when the server itself is killed
+    # (SIGKILL, the OOM killer): the engine core and its worker would stay, ~2.5 GB a pair.
+    _exit_with_parent()
     # vLLM 0.32 configures logging lazily, per process, and logs import-time warnings ("Triton
     # is installed, but doesn't include CPU backend") before that, through Python's last-resort
     # handler; apply the level `loraplex serve` chose (server.console_logging) now.
@@ -38,6 +43,20 @@ def prepare_spawned_engine_process() -> None:
         logging.getLogger("vllm").setLevel(level.upper())
     if level.upper() in ("WARNING", "ERROR", "CRITICAL"):  # a quiet console (not info/debug)
         exit_fast_and_quietly()
+
+
+def _exit_with_parent(period: float = 0.5) -> None:
+    """Exit as soon as the process that started this one is gone. A watcher thread, not
+    PR_SET_PDEATHSIG: that signal fires when the parent's *thread* that started the child ends,
+    and vLLM starts its engine core from a worker thread of the server."""
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(period)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="loraplex-parent-watch", daemon=True).start()
 
 
 def exit_fast_and_quietly() -> None:

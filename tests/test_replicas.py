@@ -391,11 +391,6 @@ def test_with_one_replica_left_the_survivor_alone_takes_the_decision_once(deploy
 
 @pytest.mark.engine
 @pytest.mark.postgres
-@pytest.mark.xfail(
-    strict=True,
-    reason="vLLM's engine core and worker run in their own process group (server/spawned.py) "
-    "and nothing makes them exit when their server is SIGKILLed: they stay, ~2.5 GB each pair",
-)
 def test_a_killed_replica_leaves_no_engine_process_behind(deployment):
     deployment.b.kill()  # already killed by the test above when the module runs in order
     try:
