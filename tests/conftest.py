@@ -55,3 +55,10 @@ from tests.support.fixtures import (  # noqa: E402, F401 - fixtures shared by th
     fake_server,
     real_server,
 )
+from tests.support.stores import (  # noqa: E402, F401 - one PostgreSQL and one S3 per session
+    database_url,
+    postgres_server,
+    postgres_url,
+    s3_endpoint,
+    s3_url,
+)

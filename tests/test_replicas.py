@@ -32,7 +32,7 @@ from registry.experiment_records import VariantSpec
 from registry.service import Registry
 from registry.settings import RegistrySettings
 from server.ab.operations import STALE_REPLICA_SECONDS, status
-from tests.registry.conftest import postgres_server, s3_endpoint, write_adapter  # noqa: F401 - fixtures
+from tests.registry.conftest import write_adapter
 from tests.support.adapters import ADAPTER_SPECS, build_test_adapters
 from tests.support.replicas import LORAPLEX, Replica, postgres_database, replica_pair
 from tests.support.servers import wait_for

@@ -12,7 +12,6 @@ import subprocess
 import pytest
 
 from tests.deploy.manifests import compose, containers, dockerfile_env, find, render
-from tests.registry.conftest import postgres_server  # noqa: F401 - fixture
 from tests.support.replicas import LORAPLEX, postgres_database
 
 pytestmark = pytest.mark.postgres
