@@ -331,14 +331,17 @@ def _build_trainer(
         per_device_train_batch_size=settings.batch_size,
         per_device_eval_batch_size=settings.batch_size,
         gradient_accumulation_steps=settings.grad_accum, warmup_steps=settings.warmup_ratio,
-        max_length=settings.max_seq_len, packing=settings.packing, seed=settings.seed,
+        # Rows over max_seq_len were dropped by _load_split; packing fills bins of that size.
+        max_length=settings.max_seq_len if settings.packing else None,
+        packing=settings.packing, padding_free=True,
+        seed=settings.seed,
         data_seed=settings.seed, bf16=dtype == "bfloat16", fp16=False,
         use_cpu=not _cuda(), gradient_checkpointing=False,
         logging_strategy="steps", logging_steps=1, report_to="none", disable_tqdm=True,
         eval_strategy="steps" if has_val else "no", eval_steps=1, save_strategy="steps",
         save_steps=1, save_total_limit=3, load_best_model_at_end=has_val,
         metric_for_best_model="eval_loss" if has_val else None, greater_is_better=False,
-        include_num_input_tokens_seen="non_padding", restore_callback_states_from_checkpoint=True,
+        include_num_input_tokens_seen="all", restore_callback_states_from_checkpoint=True,
         dataloader_num_workers=0, remove_unused_columns=True,
     )  # fmt: skip
     callbacks: list[Any] = [_ProgressCallback.make(progress)]
@@ -367,7 +370,8 @@ def _cuda() -> bool:
 
 
 def _load_model(model_dir: Path, method: str, dtype: str) -> Any:
-    """fp32 weights on the CPU (bf16 autocast computes where chosen); a 4-bit base for QLoRA.
+    """The frozen base in the chosen dtype (bf16 weights where bf16 is chosen, the LoRA in fp32
+    as peft keeps it); a 4-bit base for QLoRA.
 
     QLoRA: no inference may run before training. An eval-mode forward switches bitsandbytes'
     4-bit weights to a packed format without autograd and training then goes silently wrong.
@@ -376,7 +380,7 @@ def _load_model(model_dir: Path, method: str, dtype: str) -> Any:
     from transformers import AutoModelForCausalLM
 
     if method != "qlora":
-        weights = torch.bfloat16 if dtype == "bfloat16" and _cuda() else torch.float32
+        weights = torch.bfloat16 if dtype == "bfloat16" else torch.float32
         return AutoModelForCausalLM.from_pretrained(model_dir, dtype=weights)
     from peft import prepare_model_for_kbit_training
     from transformers import BitsAndBytesConfig
