@@ -133,7 +133,11 @@ def sha256_in_use(session: Session, sha256: str) -> bool:
 
 
 def referenced_sha256s(session: Session) -> set[str]:
-    return set(session.exec(select(VersionRow.sha256).distinct()).all())
+    """Blobs something still points at: adapter versions and fine-tuning files (registry gc keeps them)."""
+    from registry.fine_tuning_tables import FileRow
+
+    versions = set(session.exec(select(VersionRow.sha256).distinct()).all())
+    return versions | set(session.exec(select(FileRow.blob_sha256).distinct()).all())
 
 
 def find_adapter_row(session: Session, name: str) -> AdapterRow | None:
