@@ -55,14 +55,9 @@ def opened_registry(
 ) -> Iterator[Registry]:
     """The registry the flags (else LORAPLEX_* variables, else defaults) name; errors -> exit."""
     from registry.service import Registry
-    from registry.settings import RegistrySettings
 
     flags = {"home": home, "registry": registry, "artifacts": artifacts}
-    try:
-        settings = RegistrySettings(**{k: v for k, v in flags.items() if v is not None})
-    except ValidationError as e:
-        problems = "; ".join(f"{'.'.join(map(str, p['loc']))}: {p['msg']}" for p in e.errors())
-        fail(f"invalid setting: {problems}")
+    settings = _settings(flags)
     try:
         with Registry.open(settings) as opened:
             yield opened
@@ -274,14 +269,9 @@ def migrate(
 ) -> None:
     """Upgrade the registry schema to this release's (run before servers roll); idempotent."""
     from registry import db
-    from registry.settings import RegistrySettings
 
     flags = {"home": home, "registry": registry}
-    try:
-        settings = RegistrySettings(**{k: v for k, v in flags.items() if v is not None})
-    except ValidationError as e:
-        problems = "; ".join(f"{'.'.join(map(str, p['loc']))}: {p['msg']}" for p in e.errors())
-        fail(f"invalid setting: {problems}")
+    settings = _settings(flags)
     try:
         engine = db.create_registry_engine(settings.database_url())
         try:
@@ -376,3 +366,14 @@ def print_table(headers: tuple[str, ...], rows: list[tuple[Any, ...]], *, empty:
 
 def _aliases_text(aliases: Mapping[str, int]) -> str:
     return ", ".join(f"{a}->{v}" for a, v in sorted(aliases.items())) or "-"
+
+
+def _settings(flags: dict) -> RegistrySettings:  # noqa: F821 - imported lazily
+    """Registry settings from the flags given (else LORAPLEX_* variables); a bad value -> exit."""
+    from registry.settings import RegistrySettings
+
+    try:
+        return RegistrySettings(**{k: v for k, v in flags.items() if v is not None})
+    except ValidationError as e:
+        problems = "; ".join(f"{'.'.join(map(str, p['loc']))}: {p['msg']}" for p in e.errors())
+        fail(f"invalid setting: {problems}")

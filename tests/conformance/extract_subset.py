@@ -85,12 +85,7 @@ def subset(full: dict, commit: str) -> dict:
         del node[key]
         cuts.append(f"{name}.{key}: {why}")
     cuts += _only_text_parts(schemas)
-    keep, todo = set(), list(ROOTS)
-    while todo:
-        name = todo.pop()
-        if name not in keep:
-            keep.add(name)
-            todo.extend(_refs(schemas[name]))
+    keep = closure(schemas, ROOTS)
     return {
         "openapi": full["openapi"],
         "info": {"title": "OpenAI API (subset)", "version": full["info"]["version"]},
@@ -114,3 +109,14 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+
+
+def closure(schemas: dict, roots) -> set[str]:
+    """The named schemas and every schema they reference, transitively."""
+    keep, todo = set(), list(roots)
+    while todo:
+        name = todo.pop()
+        if name not in keep:
+            keep.add(name)
+            todo.extend(_refs(schemas[name]))
+    return keep

@@ -14,7 +14,7 @@ import json
 import sys
 from pathlib import Path
 
-from tests.conformance.extract_subset import _refs, _strip
+from tests.conformance.extract_subset import _strip, closure
 
 ROOTS = (
     "OpenAIFile",
@@ -32,12 +32,7 @@ OUT = Path(__file__).resolve().parents[1] / "conformance" / "openai-fine-tuning-
 
 def subset(full: dict, commit: str) -> dict:
     schemas = {name: _strip(s) for name, s in full["components"]["schemas"].items()}
-    keep, todo = set(), list(ROOTS)
-    while todo:
-        name = todo.pop()
-        if name not in keep:
-            keep.add(name)
-            todo.extend(_refs(schemas[name]))
+    keep = closure(schemas, ROOTS)
     return {
         "openapi": full["openapi"],
         "info": {"title": "OpenAI API (fine-tuning subset)", "version": full["info"]["version"]},
