@@ -2,7 +2,9 @@
 registry database (tables: registry.fine_tuning_tables). Jobs are a queue: a worker claims the
 oldest unclaimed one under a row lock (`FOR UPDATE SKIP LOCKED` on PostgreSQL; on SQLite the
 write transaction's BEGIN IMMEDIATE serialises claims), so two workers never take one job.
-A claimed job carries its worker's name and heartbeat. The file bytes live in the artifact
+A claimed job carries its worker's name and heartbeat, and the newest checkpoint its worker
+uploaded: a worker that takes over a job whose worker fell silent resumes from there. A paused
+job has no worker and waits for `resume`. The file and checkpoint bytes live in the artifact
 store; this module only records where.
 """
 
@@ -16,7 +18,7 @@ from typing import Any
 from sqlalchemy import and_, or_
 from sqlmodel import Session, select
 
-from registry.errors import NotFoundError
+from registry.errors import NotFoundError, RegistryUserError
 from registry.fine_tuning_tables import CheckpointRow, FileRow, JobEventRow, JobRow
 from registry.store import RegistryStore
 from registry.tables import utc_now
@@ -24,11 +26,16 @@ from registry.tables import utc_now
 PENDING = ("validating_files", "queued")
 ACTIVE = (*PENDING, "running")
 FINISHED = ("succeeded", "failed", "cancelled")
+PAUSED = "paused"
 STALE_SECONDS = 120.0  # a worker beats every second or so while it trains
 
 
 class FineTuningNotFoundError(NotFoundError):
     pass
+
+
+class FineTuningStateError(RegistryUserError):
+    """The job's status does not allow what was asked (pausing a finished job)."""
 
 
 def new_id(prefix: str) -> str:
@@ -99,26 +106,62 @@ class FineTuningStore:
         return found[:limit], len(found) > limit
 
     def request_cancel(self, job_id: str) -> JobRow:
-        """A job not started yet is cancelled at once; a running one is flagged for its worker
-        (which stops the training and marks it cancelled); a finished one is left as it is."""
+        """A job not started yet (or paused) is cancelled at once; a running one is flagged for
+        its worker (which stops the training and marks it cancelled); a finished one is left as
+        it is."""
         with self._store.write() as session:
             row = _job(session, job_id, lock=True)
-            if row.status in PENDING and row.worker is None:
+            if row.status in (*PENDING, PAUSED) and row.worker is None:
                 _finish(session, row, "cancelled")
             elif row.status in ACTIVE:
                 row.cancel_requested = True
                 session.add(row)
         return row
 
+    def request_pause(self, job_id: str) -> JobRow:
+        """A job no worker holds is paused at once; a claimed one is flagged for its worker
+        (which stops the training, keeping its newest uploaded checkpoint, and marks it
+        paused). A paused job is left as it is; a finished one cannot be paused."""
+        with self._store.write() as session:
+            row = _job(session, job_id, lock=True)
+            if row.status in FINISHED:
+                raise FineTuningStateError(f"{job_id} is {row.status}: it cannot be paused")
+            if row.status in PENDING and row.worker is None:
+                row.status = PAUSED
+                session.add(_event(row, "Fine-tuning job paused"))
+            elif row.status != PAUSED:
+                row.pause_requested = True
+            session.add(row)
+        return row
+
+    def request_resume(self, job_id: str) -> JobRow:
+        """A paused job is queued again (a worker continues it from its newest checkpoint); a
+        pause not carried out yet is withdrawn; any other status cannot be resumed."""
+        with self._store.write() as session:
+            row = _job(session, job_id, lock=True)
+            if row.status == PAUSED:
+                row.status, row.worker, row.pause_requested = "queued", None, False
+                step = f" from step {row.checkpoint_step}" if row.checkpoint_step else ""
+                session.add(_event(row, f"Fine-tuning job resumed: queued to continue{step}"))
+            elif row.status in ACTIVE and row.pause_requested:
+                row.pause_requested = False
+            else:
+                raise FineTuningStateError(
+                    f"{job_id} is {row.status}: only a paused job can be resumed"
+                )
+            session.add(row)
+        return row
+
     def claim(self, worker: str, *, stale_seconds: float = STALE_SECONDS) -> JobRow | None:
         """The oldest unclaimed pending job, or an active one whose worker has not beaten for
-        `stale_seconds` (it died: the job starts over here), now this worker's; None when there
-        is none."""
+        `stale_seconds` (it died: the job continues here, from its newest uploaded checkpoint if
+        any), now this worker's; None when there is none."""
         stale = utc_now() - timedelta(seconds=stale_seconds)
         with self._store.write() as session:
             unclaimed = and_(JobRow.status.in_(PENDING), JobRow.worker.is_(None))
             abandoned = and_(JobRow.status.in_(ACTIVE), JobRow.worker.is_not(None),
-                             JobRow.heartbeat_at < stale, JobRow.cancel_requested.is_(False))  # fmt: skip
+                             JobRow.heartbeat_at < stale, JobRow.cancel_requested.is_(False),
+                             JobRow.pause_requested.is_(False))  # fmt: skip
             query = (
                 select(JobRow)
                 .where(or_(unclaimed, abandoned))
@@ -137,15 +180,15 @@ class FineTuningStore:
         return row
 
     def heartbeat(self, job_id: str, worker: str) -> bool:
-        """Record that `worker` still runs the job; whether it must stop (a cancel was asked
-        for, or the job was given to another worker after this one fell silent)."""
+        """Record that `worker` still runs the job; whether it must stop (a cancel or a pause
+        was asked for, or the job was given to another worker after this one fell silent)."""
         with self._store.write() as session:
             row = _job(session, job_id, lock=True)
             if row.worker != worker:
                 return True
             row.heartbeat_at = utc_now()
             session.add(row)
-            return row.cancel_requested
+            return row.cancel_requested or row.pause_requested
 
     def set_status(
         self, job_id: str, status: str, *, message: str | None = None, level: str = "info",
@@ -188,10 +231,19 @@ class FineTuningStore:
             rows = list(session.exec(query.order_by(JobEventRow.seq.desc()).limit(limit + 1)))
         return rows[:limit], len(rows) > limit
 
-    def add_checkpoint(self, job_id: str, step: int, metrics: Mapping[str, Any]) -> None:
+    def add_checkpoint(
+        self, job_id: str, step: int, metrics: Mapping[str, Any], *,
+        blob_sha256: str | None = None,
+    ) -> None:  # fmt: skip
+        """Record a checkpoint; with `blob_sha256` (its folder in the artifact store) it becomes
+        the job's newest resumable one when its step is past the one recorded."""
         with self._store.write() as session:
-            job = _job(session, job_id)
-            session.add(CheckpointRow(job_seq=job.seq, step=step, metrics=dict(metrics)))
+            job = _job(session, job_id, lock=True)
+            session.add(CheckpointRow(job_seq=job.seq, step=step, metrics=dict(metrics),
+                                      blob_sha256=blob_sha256))  # fmt: skip
+            if blob_sha256 is not None and step > (job.checkpoint_step or 0):
+                job.checkpoint_sha256, job.checkpoint_step = blob_sha256, step
+                session.add(job)
 
     def list_checkpoints(
         self, job_id: str, *, after: str | None = None, limit: int = 10
@@ -203,6 +255,26 @@ class FineTuningStore:
                 query = query.where(CheckpointRow.seq < _seq(after, "ftckpt"))
             rows = list(session.exec(query.order_by(CheckpointRow.seq.desc()).limit(limit + 1)))
         return rows[:limit], len(rows) > limit
+
+
+FINE_TUNED_PREFIX = "ft:"
+ORGANIZATION = "loraplex"
+
+
+def fine_tuned_model_id(job: JobRow) -> str:
+    """The job's result as OpenAI names it, `ft:{base}:{organization}:{suffix}:{id}` (the
+    job id's last 8 characters); the server resolves it to the registered NAME@V."""
+    return f"{FINE_TUNED_PREFIX}{job.model}:{ORGANIZATION}:{job.suffix}:{job.id[-8:]}"
+
+
+def resolve_fine_tuned(store: RegistryStore, model: str) -> str:
+    """The NAME@V a `ft:` model id names; FineTuningNotFoundError when no succeeded job has it."""
+    with store.read() as session:
+        query = select(JobRow.result_ref).where(JobRow.fine_tuned_model == model)
+        ref = session.exec(query).first()
+    if ref is None:
+        raise FineTuningNotFoundError(f"No fine-tuned model {model!r}")
+    return ref
 
 
 def event_id(row: JobEventRow) -> str:

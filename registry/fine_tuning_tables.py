@@ -1,5 +1,5 @@
 """The fine-tuning tables (sqlmodel): uploaded files, jobs (the queue workers claim from), their
-event log and their checkpoints. Migration 0005 creates them; these classes must match it."""
+event log and their checkpoints. Migrations 0005 and 0006 create them; these classes must match."""
 
 from __future__ import annotations
 
@@ -32,12 +32,16 @@ class FileRow(SQLModel, table=True):
     blob_sha256: str = Field(sa_column=Column(String(64), nullable=False))
     status: str = Field(sa_column=Column(String(16), nullable=False))
     status_details: str | None = Field(default=None, sa_column=Column(Text, nullable=True))
+    kind: str | None = Field(default=None, sa_column=Column(String(16)))  # chat, preference
     created_at: datetime = _timestamp()
 
 
 class JobRow(SQLModel, table=True):
     __tablename__ = "ft_jobs"
-    __table_args__ = (Index("ix_ft_jobs_status", "status"),)
+    __table_args__ = (
+        Index("ix_ft_jobs_status", "status"),
+        Index("ix_ft_jobs_fine_tuned_model", "fine_tuned_model"),
+    )
 
     seq: int | None = Field(default=None, primary_key=True)
     id: str = Field(sa_column=Column(String(64), nullable=False, unique=True))
@@ -49,13 +53,22 @@ class JobRow(SQLModel, table=True):
     method: dict = Field(sa_column=Column(JSON, nullable=False))
     job_metadata: dict | None = Field(default=None, sa_column=Column("metadata", JSON))
     status: str = Field(sa_column=Column(String(24), nullable=False))
-    fine_tuned_model: str | None = Field(default=None, sa_column=Column(String(160)))
+    fine_tuned_model: str | None = Field(default=None, sa_column=Column(String(160)))  # ft:...
+    result_ref: str | None = Field(default=None, sa_column=Column(String(160)))  # its NAME@V
+    from_ref: str | None = Field(default=None, sa_column=Column(String(160)))  # continued NAME@V
     trained_tokens: int | None = Field(default=None, sa_column=Column(BigInteger))
     error: dict | None = Field(default=None, sa_column=Column(JSON))
     result_files: list = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
     cancel_requested: bool = Field(
         default=False, sa_column=Column(Boolean, nullable=False, server_default="0")
     )
+    pause_requested: bool = Field(
+        default=False, sa_column=Column(Boolean, nullable=False, server_default="0")
+    )
+    # The newest checkpoint uploaded to the artifact store: a worker taking the job over resumes
+    # from it.
+    checkpoint_sha256: str | None = Field(default=None, sa_column=Column(String(64)))
+    checkpoint_step: int | None = Field(default=None, sa_column=Column(Integer))
     worker: str | None = Field(default=None, sa_column=Column(String(128)))
     heartbeat_at: datetime | None = _optional_timestamp()
     created_at: datetime = _timestamp()
@@ -86,4 +99,5 @@ class CheckpointRow(SQLModel, table=True):
     )
     step: int = Field(sa_column=Column(Integer, nullable=False))
     metrics: dict = Field(sa_column=Column(JSON, nullable=False))
+    blob_sha256: str | None = Field(default=None, sa_column=Column(String(64)))
     created_at: datetime = _timestamp()
