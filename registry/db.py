@@ -38,7 +38,7 @@ from registry.migrations import COMPAT_TABLE
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
 # The newest migration's revision; tests check it against the scripts. Lets `open_engine` skip
 # importing Alembic when the schema is already current (most CLI calls, every server start).
-SCHEMA_HEAD = "0005"
+SCHEMA_HEAD = "0006"
 SQLITE_BUSY_TIMEOUT_S = 30.0
 _MIGRATION_LOCK_KEY = 0x6C6F7261  # pg_advisory_xact_lock key: one migrator at a time
 SUPPORTED_DATABASES = ("sqlite:///PATH", "postgresql+psycopg://USER:PASSWORD@HOST/DB")
