@@ -133,11 +133,16 @@ def sha256_in_use(session: Session, sha256: str) -> bool:
 
 
 def referenced_sha256s(session: Session) -> set[str]:
-    """Blobs something still points at: adapter versions and fine-tuning files (registry gc keeps them)."""
-    from registry.fine_tuning_tables import FileRow
+    """Blobs something still points at: adapter versions, fine-tuning files and the uploaded
+    checkpoints of jobs not finished (registry gc keeps them)."""
+    from registry.fine_tuning import FINISHED
+    from registry.fine_tuning_tables import CheckpointRow, FileRow, JobRow
 
     versions = set(session.exec(select(VersionRow.sha256).distinct()).all())
-    return versions | set(session.exec(select(FileRow.blob_sha256).distinct()).all())
+    live = select(CheckpointRow.blob_sha256).join(JobRow, JobRow.seq == CheckpointRow.job_seq)
+    live = live.where(JobRow.status.not_in(FINISHED), CheckpointRow.blob_sha256.is_not(None))
+    files = set(session.exec(select(FileRow.blob_sha256).distinct()).all())
+    return versions | files | set(session.exec(live.distinct()).all())
 
 
 def find_adapter_row(session: Session, name: str) -> AdapterRow | None:
