@@ -22,6 +22,7 @@ VALIDATE_TIMEOUT_S = 300.0
 class Validation:
     ok: bool
     details: str | None  # line-numbered problems, one per line
+    kind: str | None = None  # chat or preference, as the validator read it
 
 
 def store_bytes(artifacts: ArtifactStore, data: bytes) -> tuple[str, str]:
@@ -59,4 +60,5 @@ def validate_file(path: Path, *, val: Path | None = None) -> Validation:
         f"line {p['line']}: {p['message']}" if p.get("line") is not None else p["message"]
         for p in report.get("problems", [])
     ]
-    return Validation(not problems and report.get("ok", False), "\n".join(problems) or None)
+    kind = (report.get("summary") or {}).get("kind")
+    return Validation(not problems and report.get("ok", False), "\n".join(problems) or None, kind)

@@ -18,7 +18,12 @@ from fastapi.security import HTTPAuthorizationCredentials
 from pydantic import BaseModel, ConfigDict
 
 from registry.errors import RegistryUserError
-from registry.fine_tuning import FineTuningStore
+from registry.fine_tuning import (
+    FINE_TUNED_PREFIX,
+    FineTuningStateError,
+    FineTuningStore,
+    resolve_fine_tuned,
+)
 from registry.refs import check_name
 from registry.service import Registry
 from server.auth import bearer_scheme, check_bearer, key_matches
@@ -40,6 +45,10 @@ _HYPERPARAMETERS = {  # name -> (smallest, largest, integer)
     "batch_size": (1, 256, True),
     "learning_rate_multiplier": (0, None, False),
 }
+_DPO_HYPERPARAMETERS = _HYPERPARAMETERS | {"beta": (0, None, False)}
+_KINDS = {"supervised": "chat", "dpo": "preference"}  # method -> the data it trains on
+_KIND_WORDS = {"chat": "chat JSONL ('messages')",
+               "preference": "preference JSONL ('prompt', 'chosen', 'rejected')"}  # fmt: skip
 
 
 def _registry(
@@ -102,6 +111,7 @@ def _store_file(registry: Registry, data: bytes, filename: str):
     return FineTuningStore(registry.store).add_file(
         filename=filename, purpose=PURPOSE, bytes=len(data), sha256=sha256, blob_sha256=blob,
         status="processed" if checked.ok else "error", status_details=checked.details,
+        kind=checked.kind,
     )  # fmt: skip
 
 
@@ -164,12 +174,20 @@ async def create_job(request: Request, registry: RegistryDep, body: JobRequest) 
     except RegistryUserError as e:
         raise InvalidRequestError(f"suffix: {e}", param="suffix") from e
     base = request.app.state.loraplex.resolver.model_names()[0]
-    if body.model != base:
+    from_ref = None
+    if body.model.startswith(FINE_TUNED_PREFIX):  # continue that job's registered version
+        try:
+            from_ref = resolve_fine_tuned(registry.store, body.model)
+        except RegistryUserError as e:
+            raise InvalidRequestError(str(e), param="model", code="model_not_found") from e
+    elif body.model != base:
         raise InvalidRequestError(
-            f"model {body.model!r} cannot be fine-tuned here: use the base model {base!r} "
-            "(continuing a fine-tuned model is not supported for supervised jobs yet)",
+            f"model {body.model!r} cannot be fine-tuned here: use the base model {base!r} or "
+            "a fine_tuned_model (ft:...) to continue it",
             param="model", code="model_not_found",
         )  # fmt: skip
+    method = _method(body)
+    wanted = _KINDS[method["type"]]
     for param in ("training_file", "validation_file"):
         file_id = getattr(body, param)
         if file_id is None:
@@ -180,6 +198,11 @@ async def create_job(request: Request, registry: RegistryDep, body: JobRequest) 
             raise ResourceNotFoundError(str(e), param=param) from e
         if row.purpose != PURPOSE:
             raise InvalidRequestError(f"{file_id} has purpose {row.purpose!r}", param=param)
+        if row.kind is not None and row.kind != wanted:
+            raise InvalidRequestError(
+                f"{file_id} holds {_KIND_WORDS[row.kind]}; a {method['type']} job trains on "
+                f"{_KIND_WORDS[wanted]}", param=param,
+            )  # fmt: skip
     if body.metadata is not None and len(body.metadata) > MAX_METADATA_KEYS:
         raise InvalidRequestError(
             f"metadata holds at most {MAX_METADATA_KEYS} keys", param="metadata"
@@ -187,7 +210,7 @@ async def create_job(request: Request, registry: RegistryDep, body: JobRequest) 
     job = store.create_job(
         model=body.model, training_file=body.training_file, validation_file=body.validation_file,
         suffix=body.suffix, seed=body.seed if body.seed is not None else secrets.randbelow(2**31),
-        method=_method(body), job_metadata=body.metadata,
+        method=method, job_metadata=body.metadata, from_ref=from_ref,
     )  # fmt: skip
     return objects.job_object(job)
 
@@ -195,17 +218,18 @@ async def create_job(request: Request, registry: RegistryDep, body: JobRequest) 
 def _method(body: JobRequest) -> dict[str, Any]:
     method = body.method or {"type": "supervised"}
     kind = method.get("type")
-    if kind != "supervised":
+    if kind not in _KINDS:
         raise InvalidRequestError(
-            f"method type {kind!r} is not supported yet: use 'supervised'", param="method"
+            f"method type {kind!r} is not supported: use 'supervised' or 'dpo'", param="method"
         )
-    given = (method.get("supervised") or {}).get("hyperparameters")
+    known = _HYPERPARAMETERS if kind == "supervised" else _DPO_HYPERPARAMETERS
+    given = (method.get(kind) or {}).get("hyperparameters")
     if given is None:
         given = body.hyperparameters or {}
     if not isinstance(given, dict):
         raise InvalidRequestError("hyperparameters must be an object", param="hyperparameters")
     hyper: dict[str, Any] = {}
-    for name, (low, high, integer) in _HYPERPARAMETERS.items():
+    for name, (low, high, integer) in known.items():
         value = given.get(name, "auto")
         ok = value == "auto" or (
             isinstance(value, int if integer else int | float) and not isinstance(value, bool)
@@ -217,12 +241,12 @@ def _method(body: JobRequest) -> dict[str, Any]:
                 f"{name} must be 'auto' or {span}, not {value!r}", param=f"hyperparameters.{name}"
             )
         hyper[name] = value
-    unknown = sorted(set(given) - set(_HYPERPARAMETERS))
+    unknown = sorted(set(given) - set(known))
     if unknown:
         raise InvalidRequestError(
             f"unknown hyperparameters: {', '.join(unknown)}", param="hyperparameters"
         )
-    return {"type": "supervised", "supervised": {"hyperparameters": hyper}}
+    return {"type": kind, kind: {"hyperparameters": hyper}}
 
 
 @router.get("/fine_tuning/jobs")
@@ -249,6 +273,22 @@ async def retrieve_job(registry: RegistryDep, job_id: str) -> dict[str, Any]:
 @router.post("/fine_tuning/jobs/{job_id}/cancel")
 async def cancel_job(registry: RegistryDep, job_id: str) -> dict[str, Any]:
     return objects.job_object(FineTuningStore(registry.store).request_cancel(job_id))
+
+
+@router.post("/fine_tuning/jobs/{job_id}/pause")
+async def pause_job(registry: RegistryDep, job_id: str) -> dict[str, Any]:
+    try:
+        return objects.job_object(FineTuningStore(registry.store).request_pause(job_id))
+    except FineTuningStateError as e:
+        raise InvalidRequestError(str(e), param="fine_tuning_job_id") from e
+
+
+@router.post("/fine_tuning/jobs/{job_id}/resume")
+async def resume_job(registry: RegistryDep, job_id: str) -> dict[str, Any]:
+    try:
+        return objects.job_object(FineTuningStore(registry.store).request_resume(job_id))
+    except FineTuningStateError as e:
+        raise InvalidRequestError(str(e), param="fine_tuning_job_id") from e
 
 
 @router.get("/fine_tuning/jobs/{job_id}/events")

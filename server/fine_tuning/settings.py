@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pydantic import Field
 
+from registry.fine_tuning import STALE_SECONDS
 from registry.settings import RegistrySettings
 
 DEFAULT_MAX_FILE_BYTES = 512 * 1024**2
@@ -21,3 +22,7 @@ class FineTuningSettings(RegistrySettings):
         default=True, description="a job's adapter must pass the trainer's serving gate"
     )
     fine_tuning_poll_seconds: float = Field(default=1.0, gt=0, description="queue poll period")
+    fine_tuning_stale_seconds: float = Field(
+        default=STALE_SECONDS, gt=0,
+        description="a job whose worker has not beaten for this long is taken over",
+    )  # fmt: skip

@@ -2,16 +2,21 @@
 `loraplex train ... --register` in a subprocess (the server never imports the trainer).
 
 For a job: fetch its files into a run folder, validate them (problems fail the job with their
-line numbers), train, turn the run folder's checkpoints (trainer_state.json's log) into metrics
-events and checkpoint records, and on success record the registered `NAME@V` as the job's
-`fine_tuned_model`. A cancel asked for over HTTP reaches the worker with its heartbeat: the
-training's process group gets SIGTERM, then SIGKILL; registration is the run's last step, so a
-stopped run registers nothing.
+line numbers), train, turn the training's event file (`--events`: one JSON object a line, as it
+happens) into metrics and message events, upload each new checkpoint (the run record and the
+checkpoint folder, content-addressed in the artifact store) and record it as the job's newest,
+and on success record the registered `NAME@V` as the job's `fine_tuned_model`. A worker that
+takes over a job whose worker fell silent, or continues a paused one, fetches that checkpoint
+and the same files and runs `loraplex train --resume`. A cancel or a pause asked for over HTTP
+reaches the worker with its heartbeat: the training's process group gets SIGTERM, then SIGKILL;
+registration is the run's last step, so a stopped run registers nothing.
 """
 
 from __future__ import annotations
 
+import csv
 import ctypes
+import io
 import json
 import logging
 import os
@@ -20,21 +25,27 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
 from typing import Any
 
-from registry.fine_tuning import FineTuningStore, new_id
+from registry.fine_tuning import STALE_SECONDS, FineTuningStore, fine_tuned_model_id, new_id
 from registry.fine_tuning_tables import JobRow
 from registry.service import Registry
 from server.fine_tuning import files
 
 log = logging.getLogger(__name__)
-BASE_LR = 2e-4  # the trainer's SFT default; learning_rate_multiplier scales it
+BASE_LR = {"supervised": 2e-4, "dpo": 5e-5}  # the trainer's defaults, scaled by the multiplier
 STOP_GRACE_S = 5.0
 TAIL_CHARS = 2000
 PR_SET_PDEATHSIG = 1
+RUN_RECORD, CHECKPOINTS, CHECKPOINT_PREFIX = "run.json", "checkpoints", "checkpoint-"
+TRAINER_STATE = "trainer_state.json"
+RESULTS_PURPOSE = "fine-tune-results"
+RESULT_COLUMNS = ("step", "train_loss", "train_accuracy", "valid_loss", "valid_mean_token_accuracy")
+_TRAIN_FLAGS: set[str] = set()  # `loraplex train --help`'s flags, read once
 
 
 class Worker:
@@ -43,11 +54,12 @@ class Worker:
     def __init__(
         self, registry: Registry, *, registry_url: str, artifacts_url: str, model_dir: Path,
         runs_dir: Path, gate: bool = True, poll_seconds: float = 1.0, name: str | None = None,
+        stale_seconds: float = STALE_SECONDS,
     ) -> None:  # fmt: skip
         self.registry, self.jobs = registry, FineTuningStore(registry.store)
         self.registry_url, self.artifacts_url = registry_url, artifacts_url
         self.model_dir, self.runs_dir, self.gate = model_dir, runs_dir, gate
-        self.poll_seconds = poll_seconds
+        self.poll_seconds, self.stale_seconds = poll_seconds, stale_seconds
         self.name = name or f"{socket.gethostname()}:{os.getpid()}:{new_id('w')[2:10]}"
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -73,7 +85,7 @@ class Worker:
 
     def run_once(self) -> bool:
         """Claim one job and run it to its end; False when the queue is empty."""
-        job = self.jobs.claim(self.name)
+        job = self.jobs.claim(self.name, stale_seconds=self.stale_seconds)
         if job is None:
             return False
         try:
@@ -110,15 +122,25 @@ class Worker:
         self.jobs.set_status(
             job.id, "queued", message="Files validated, moving job to queued state"
         )
-        self.jobs.set_status(job.id, "running", message="Fine-tuning job started")
-        self._train(job, data, val, run_dir)
+        resume = job.checkpoint_sha256 is not None
+        if resume:  # the run record and newest checkpoint another worker (or a pause) left
+            self.registry.artifacts.fetch(job.checkpoint_sha256, run_dir / "run")
+            message = f"Fine-tuning job resumed from the checkpoint at step {job.checkpoint_step}"
+        else:
+            message = "Fine-tuning job started"
+        self.jobs.set_status(job.id, "running", message=message)
+        self._train(job, data, val, run_dir, resume=resume)
 
     def _fetch(self, file_id: str, dest: Path) -> Path:
         row = self.jobs.get_file(file_id)
         return files.fetch_file(self.registry.artifacts, row.blob_sha256, dest)
 
-    def _command(self, job: JobRow, data: Path, val: Path | None, out: Path) -> list[str]:
-        hyper = job.method["supervised"]["hyperparameters"]
+    def _command(
+        self, job: JobRow, data: Path, val: Path | None, out: Path, *, events: Path | None,
+        resume: bool,
+    ) -> list[str]:  # fmt: skip
+        kind = job.method["type"]
+        hyper = job.method[kind]["hyperparameters"]
         command = [
             sys.executable, "-m", "loraplex.cli", "train", "--data", str(data),
             "--name", job.suffix, "--out", str(out), "--model", str(self.model_dir),
@@ -127,55 +149,114 @@ class Worker:
             "--actor", f"fine-tuning:{job.id}", "--tag", f"fine_tuning_job={job.id}",
             "--tag", f"training_file={job.training_file}", "--json",
         ]  # fmt: skip
+        for param in ("training_file", "validation_file"):
+            file_id = getattr(job, param)
+            if file_id is not None:
+                command += ["--tag", f"{param}_sha256={self.jobs.get_file(file_id).sha256}"]
         if val is not None:
             command += ["--val", str(val), "--tag", f"validation_file={job.validation_file}"]
+        if kind == "dpo":
+            command += ["--method", "dpo"]
+            if hyper.get("beta", "auto") != "auto":
+                command += ["--beta", repr(float(hyper["beta"]))]
+        if job.from_ref is not None:
+            command += ["--from", job.from_ref, "--tag", f"from={job.from_ref}"]
+        if events is not None:
+            command += ["--events", str(events)]
+        if resume:
+            command.append("--resume")
         if hyper.get("n_epochs", "auto") != "auto":
             command += ["--epochs", str(hyper["n_epochs"])]
         if hyper.get("batch_size", "auto") != "auto":
             command += ["--batch-size", str(hyper["batch_size"])]
         if hyper.get("learning_rate_multiplier", "auto") != "auto":
-            command += ["--lr", repr(BASE_LR * hyper["learning_rate_multiplier"])]
+            command += ["--lr", repr(BASE_LR[kind] * hyper["learning_rate_multiplier"])]
         return command
 
-    def _train(self, job: JobRow, data: Path, val: Path | None, run_dir: Path) -> None:
+    def _train(
+        self, job: JobRow, data: Path, val: Path | None, run_dir: Path, *, resume: bool
+    ) -> None:
         out = run_dir / "run"
         log_path = run_dir / "train.log"
+        events = run_dir / "events.jsonl" if "--events" in _train_flags() else None
+        command = self._command(job, data, val, out, events=events, resume=resume)
+        progress = _Progress(self.jobs, self.registry.artifacts, job, out, events)
         with log_path.open("wb") as stderr:
             process = subprocess.Popen(
-                self._command(job, data, val, out), stdout=subprocess.PIPE, stderr=stderr,
+                command, stdout=subprocess.PIPE, stderr=stderr,
                 start_new_session=True,  # its own process group: a cancel stops the gate too
                 preexec_fn=_die_with_parent,
             )  # fmt: skip
-            progress = _Progress(self.jobs, job.id, out)
             stdout = _drain(process)
-            cancelled = False
+            stopped = False
             while process.poll() is None:
                 progress.read()
                 if self._stop.is_set():  # the worker is shutting down: the job waits for another
                     _stop(process)
+                    progress.read(final=True)
                     self.jobs.set_status(job.id, "queued", worker=None,
                                          message="The worker stopped; the job is queued again")  # fmt: skip
                     return
-                if self.jobs.heartbeat(job.id, self.name) and not cancelled:
-                    cancelled = True
+                if self.jobs.heartbeat(job.id, self.name) and not stopped:
+                    stopped = True
                     _stop(process)
                 time.sleep(0.5)
-        progress.read()
-        if self.jobs.get_job(job.id).worker != self.name:
+        progress.read(final=True)
+        now = self.jobs.get_job(job.id)
+        if now.worker != self.name:
             log.warning("fine-tuning job %s was given to another worker; stopped it here", job.id)
             return
-        if cancelled and process.returncode != 0:
-            self.jobs.set_status(job.id, "cancelled", message="Training stopped")
+        if stopped and process.returncode != 0:
+            if now.cancel_requested:
+                self.jobs.set_status(job.id, "cancelled", message="Training stopped")
+            else:
+                at = f" at step {now.checkpoint_step}" if now.checkpoint_step else ""
+                self.jobs.set_status(
+                    job.id, "paused", worker=None, pause_requested=False,
+                    message=f"Fine-tuning job paused; it resumes from the checkpoint{at}"
+                    if at else "Fine-tuning job paused before its first checkpoint",
+                )  # fmt: skip
             return
         if process.returncode != 0:
             return self._fail(job, "training_failed", f"loraplex train failed: {_reason(log_path)}")
         result = json.loads(stdout.result())
         metrics = json.loads(Path(result["metrics"]).read_text(encoding="utf-8"))
-        ref = result["version"]["ref"]
-        self.jobs.set_status(
-            job.id, "succeeded", fine_tuned_model=ref, trained_tokens=metrics.get("tokens_trained"),
-            message=f"The job has successfully completed: {ref}",
+        ref, model = result["version"]["ref"], fine_tuned_model_id(job)
+        data = results_csv(metrics)
+        sha256, blob = files.store_bytes(self.registry.artifacts, data)
+        results = self.jobs.add_file(
+            filename="step_metrics.csv", purpose=RESULTS_PURPOSE, bytes=len(data), sha256=sha256,
+            blob_sha256=blob, status="processed",
         )  # fmt: skip
+        self.jobs.set_status(
+            job.id, "succeeded", fine_tuned_model=model, result_ref=ref,
+            trained_tokens=metrics.get("tokens_trained"), result_files=[results.id],
+            message=f"The job has successfully completed: {model} ({ref})",
+        )  # fmt: skip
+
+
+def results_csv(metrics: dict[str, Any]) -> bytes:
+    """The result file as OpenAI shapes it: one row a logged step; the validation loss at the
+    steps evaluated; accuracies empty (the trainer does not log them)."""
+    valid = {e["step"]: e["loss"] for e in metrics.get("eval_loss", [])}
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(RESULT_COLUMNS)
+    for entry in metrics.get("train_loss", []):
+        step = entry["step"]
+        writer.writerow([step, entry["loss"], "", valid.get(step, ""), ""])
+    return out.getvalue().encode()
+
+
+def _train_flags() -> set[str]:
+    """The flags `loraplex train` takes (this loraplex's trainer, asked once)."""
+    if not _TRAIN_FLAGS:
+        done = subprocess.run(
+            [sys.executable, "-m", "loraplex.cli", "train", "--help"], capture_output=True,
+            text=True, timeout=120, env=os.environ | {"COLUMNS": "200", "NO_COLOR": "1"},
+        )  # fmt: skip
+        _TRAIN_FLAGS.update(w.strip(",") for w in done.stdout.split() if w.startswith("--"))
+    return _TRAIN_FLAGS
 
 
 def _die_with_parent() -> None:
@@ -197,27 +278,115 @@ def _reason(log_path: Path) -> str:
 
 
 class _Progress:
-    """Metrics events for each logged step and a checkpoint record for each saved checkpoint,
-    read from the run folder (checkpoints/checkpoint-N/trainer_state.json, metrics.json)."""
+    """The job's events and checkpoints, from its run: each line of the training's event file
+    (`train`, `eval` -> metrics events, one per step with its validation loss when evaluated;
+    `start`, `checkpoint`, `done` -> messages), or without one the checkpoints' logs; each new
+    complete checkpoint uploaded and recorded as the job's newest."""
 
-    def __init__(self, jobs: FineTuningStore, job_id: str, out: Path) -> None:
-        self.jobs, self.job_id, self.out = jobs, job_id, out
-        self.steps: set[int] = set()
-        self.checkpoints: set[int] = set()
+    def __init__(
+        self, jobs: FineTuningStore, artifacts: Any, job: JobRow, out: Path, events: Path | None
+    ) -> None:
+        self.jobs, self.artifacts, self.job_id, self.out = jobs, artifacts, job.id, out
+        self.events, self.offset, self.pending = events, 0, None  # a step's train event, held
+        resumed = job.checkpoint_step or 0
+        self.steps: set[int] = set(range(resumed + 1))  # steps already reported
+        self.uploaded = resumed
 
-    def read(self) -> None:
-        for state_path in sorted(
-            (self.out / "checkpoints").glob("checkpoint-*/trainer_state.json")
-        ):
+    def read(self, *, final: bool = False) -> None:
+        if self.events is not None:
+            for event in self._new_lines():
+                self._on_event(event)
+            if final:
+                self._flush()
+        self._checkpoints()
+
+    def _new_lines(self) -> list[dict[str, Any]]:
+        try:
+            with self.events.open("rb") as f:
+                f.seek(self.offset)
+                chunk = f.read()
+        except FileNotFoundError:
+            return []
+        complete = chunk[: chunk.rfind(b"\n") + 1]  # a line being written waits for next time
+        self.offset += len(complete)
+        found = []
+        for line in complete.splitlines():
             try:
-                state = json.loads(state_path.read_text(encoding="utf-8"))
-            except (OSError, ValueError):
-                continue  # being written: read it next time
-            self._log(state)
-            step = int(state.get("global_step", 0))
-            if step and step not in self.checkpoints:
-                self.checkpoints.add(step)
-                self.jobs.add_checkpoint(self.job_id, step, self._checkpoint_metrics(state, step))
+                found.append(json.loads(line))
+            except ValueError:
+                log.warning("fine-tuning job %s: unreadable event line %r", self.job_id, line)
+        return found
+
+    def _on_event(self, event: dict[str, Any]) -> None:
+        kind, step, total = event.get("event"), event.get("step"), event.get("max_steps")
+        if kind == "train" and step is not None and "loss" in event:
+            self._flush()
+            self.pending = {"step": step, "train_loss": event["loss"], "total_steps": total,
+                            "epoch": event.get("epoch"),
+                            "learning_rate": event.get("learning_rate")}  # fmt: skip
+            return
+        if kind == "eval" and "eval_loss" in event:
+            if self.pending is not None and self.pending["step"] == step:
+                self.pending |= {"valid_loss": event["eval_loss"],
+                                 "full_valid_loss": event["eval_loss"]}  # fmt: skip
+            return
+        self._flush()
+        if kind == "start":
+            at = f"resumed at step {step}" if step else "started"
+            self.jobs.add_event(self.job_id, f"Training {at} ({total} steps)", data=event)
+        elif kind == "checkpoint":
+            self.jobs.add_event(self.job_id, f"Checkpoint saved at step {step}", data=event)
+        elif kind == "done":
+            self.jobs.add_event(self.job_id, f"Training done: {step} steps", data=event)
+
+    def _flush(self) -> None:
+        data, self.pending = self.pending, None
+        if data is None or data["step"] in self.steps:
+            return
+        self.steps.add(data["step"])
+        self._metrics(data)
+
+    def _metrics(self, data: dict[str, Any]) -> None:
+        data = {k: v for k, v in data.items() if v is not None}
+        message = (
+            f"Step {data['step']}/{data.get('total_steps')}: training loss={data['train_loss']:.4f}"
+        )
+        if "valid_loss" in data:
+            message += f", validation loss={data['valid_loss']:.4f}"
+        self.jobs.add_event(self.job_id, message, type="metrics", data=data)
+
+    def _checkpoints(self) -> None:
+        complete = sorted(
+            (int(path.parent.name.removeprefix(CHECKPOINT_PREFIX)), path.parent)
+            for path in (self.out / CHECKPOINTS).glob(f"{CHECKPOINT_PREFIX}*/{TRAINER_STATE}")
+            if path.parent.name.removeprefix(CHECKPOINT_PREFIX).isdigit()
+        )
+        for step, folder in complete:
+            if step <= self.uploaded:
+                continue
+            try:
+                state = json.loads((folder / TRAINER_STATE).read_text(encoding="utf-8"))
+                if self.events is None:
+                    self._log(state)
+                blob = self._upload(folder)
+            except (OSError, ValueError) as e:  # being written or rotated: next time
+                log.info("fine-tuning job %s: checkpoint %s not read yet: %s", self.job_id, step, e)
+                continue
+            self.uploaded = step
+            self.jobs.add_checkpoint(
+                self.job_id, step, self._checkpoint_metrics(state, step), blob_sha256=blob
+            )
+
+    def _upload(self, checkpoint: Path) -> str:
+        """The run record and `checkpoint`, as the run folder holds them, into the artifact
+        store; the blob's sha256."""
+        staging = Path(tempfile.mkdtemp(prefix=".upload-", dir=self.out.parent))
+        try:
+            shutil.copy2(self.out / RUN_RECORD, staging / RUN_RECORD)
+            shutil.copytree(checkpoint, staging / CHECKPOINTS / checkpoint.name)
+            return self.artifacts.upload_folder(staging).sha256
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
 
     def _log(self, state: dict[str, Any]) -> None:
         total = state.get("max_steps")
@@ -226,11 +395,7 @@ class _Progress:
             if "loss" not in entry or step is None or step in self.steps:
                 continue
             self.steps.add(step)
-            data = {"step": step, "train_loss": entry["loss"], "total_steps": total}
-            self.jobs.add_event(
-                self.job_id, f"Step {step}/{total}: training loss={entry['loss']:.4f}",
-                type="metrics", data=data,
-            )  # fmt: skip
+            self._metrics({"step": step, "train_loss": entry["loss"], "total_steps": total})
 
     @staticmethod
     def _checkpoint_metrics(state: dict[str, Any], step: int) -> dict[str, Any]:
@@ -289,6 +454,7 @@ def worker_for(registry: Registry, settings: Any, *, model_dir: Path | None = No
         runs_dir=settings.data_dir() / "fine_tuning" / "runs",
         gate=settings.fine_tuning_gate,
         poll_seconds=settings.fine_tuning_poll_seconds,
+        stale_seconds=settings.fine_tuning_stale_seconds,
     )
 
 
