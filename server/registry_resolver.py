@@ -30,6 +30,7 @@ from registry.errors import (
     RegistryError,
     RegistryUnavailableError,
 )
+from registry.fine_tuning import FINE_TUNED_PREFIX, resolve_fine_tuned
 from registry.records import RoutingSnapshot, VersionRecord
 from registry.refs import DEFAULT_ALIAS, AdapterRef, parse_ref
 from registry.store import RegistryStore
@@ -273,6 +274,11 @@ class RegistryResolver:
     async def resolve(self, model: str, *, user: str | None = None) -> Target:
         if model in self._local.model_names():
             return await self._local.resolve(model)
+        if model.startswith(FINE_TUNED_PREFIX):  # a fine-tuning job's result: its NAME@V
+            try:
+                model = await asyncio.to_thread(resolve_fine_tuned, self._store, model)
+            except NotFoundError as e:
+                raise ModelNotFoundError(f"{e}. {self._available()}") from e
         if self.experiments is not None and "@" not in model:  # NAME@V and NAME@alias bypass
             routed = self.experiments.router.route(model, user)
             if routed is not None:
