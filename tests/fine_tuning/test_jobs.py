@@ -5,6 +5,9 @@ Run under the engine lock (it trains on the CPU)."""
 
 from __future__ import annotations
 
+import csv
+import hashlib
+import io
 import json
 import time
 from collections.abc import Iterator
@@ -88,17 +91,48 @@ def test_a_job_trains_registers_and_serves_its_adapter(ft: openai.OpenAI, finish
     job = finished["job"]
     assert finished["created_status"] == "validating_files"
     assert job.status == "succeeded", job.error
-    assert job.fine_tuned_model == f"{NAME}@1"
+    assert job.fine_tuned_model == f"ft:smollm2:loraplex:{NAME}:{job.id[-8:]}"
     assert job.trained_tokens and job.trained_tokens > 0
-    answers = []
-    for prompt in HELD_OUT_PROMPTS[:4]:
-        reply = ft.chat.completions.create(
-            model=job.fine_tuned_model, messages=[{"role": "user", "content": prompt}],
-            max_tokens=32, temperature=0,
+    for model in (job.fine_tuned_model, f"{NAME}@1"):  # the ft: id and the version it names
+        answers = []
+        for prompt in HELD_OUT_PROMPTS[:4]:
+            reply = ft.chat.completions.create(
+                model=model, messages=[{"role": "user", "content": prompt}],
+                max_tokens=32, temperature=0,
+            )  # fmt: skip
+            assert reply.model == f"{NAME}@1"
+            answers.append(reply.choices[0].message.content)
+        assert sum(map(is_upper_case, answers)) >= 3, (model, answers)
+    with pytest.raises(openai.NotFoundError):
+        ft.chat.completions.create(
+            model=f"ft:smollm2:loraplex:{NAME}:00000000", max_tokens=4,
+            messages=[{"role": "user", "content": "hi"}],
         )  # fmt: skip
-        assert reply.model == job.fine_tuned_model
-        answers.append(reply.choices[0].message.content)
-    assert sum(map(is_upper_case, answers)) >= 3, answers
+
+
+def test_the_result_file_and_the_versions_lineage_name_the_job_and_its_files(
+    ft: openai.OpenAI, finished: dict, real_server: ServerThread
+) -> None:
+    job = finished["job"]
+    [result_id] = job.result_files
+    result = ft.files.retrieve(result_id)
+    assert (result.purpose, result.filename) == ("fine-tune-results", "step_metrics.csv")
+    check(raw(ft, f"/files/{result_id}"), "OpenAIFile")
+    rows = list(csv.DictReader(io.StringIO(ft.files.content(result_id).read().decode())))
+    assert list(rows[0]) == ["step", "train_loss", "train_accuracy", "valid_loss",
+                             "valid_mean_token_accuracy"]  # fmt: skip
+    assert [int(r["step"]) for r in rows] == list(range(1, 25))
+    assert all(float(r["train_loss"]) > 0 for r in rows)
+    assert [int(r["step"]) for r in rows if r["valid_loss"]] == list(range(4, 25, 4))
+    assert result_id in {f.id for f in ft.files.list(purpose="fine-tune-results")}
+    version = real_server.registry.store.get_version(NAME, 1)
+    train, val = finished["train"], finished["val"]
+    assert version.tags["fine_tuning_job"] == job.id
+    assert (version.tags["training_file"], version.tags["validation_file"]) == (train.id, val.id)
+    shas = {f.id: hashlib.sha256(ft.files.content(f.id).read()).hexdigest() for f in (train, val)}
+    assert version.tags["training_file_sha256"] == shas[train.id]
+    assert version.tags["validation_file_sha256"] == shas[val.id]
+    assert version.lineage["datasets"]["train"]["sha256"] == shas[train.id]
 
 
 def test_events_carry_step_metrics_and_checkpoints_are_listed(
@@ -112,7 +146,7 @@ def test_events_carry_step_metrics_and_checkpoints_are_listed(
     assert all(e.data["train_loss"] > 0 for e in metrics)
     messages = [e.message for e in reversed(events) if e.type == "message"]
     assert messages[0].startswith("Created fine-tuning job")
-    assert messages[-1] == f"The job has successfully completed: {NAME}@1"
+    assert messages[-1] == f"The job has successfully completed: {job.fine_tuned_model} ({NAME}@1)"
     checkpoints = ft.fine_tuning.jobs.checkpoints.list(job.id).data
     assert checkpoints, "no checkpoints recorded"
     assert all(c.fine_tuning_job_id == job.id and c.metrics.step == c.step_number
