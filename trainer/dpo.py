@@ -15,7 +15,6 @@ itself, not the bare base. Only the trained adapter ("default") is saved.
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -26,18 +25,22 @@ from loraplex.hardware import choose_dtype
 from registry.base_model import BaseModel
 from trainer import outputs
 from trainer.outputs import TrainingError
-from trainer.sft import LoraSettings, Progress, TrainResult, resolve_dtype, run_problems
+from trainer.sft import (
+    LoraSettings,
+    Progress,
+    StartingAdapter,
+    TrainResult,
+    fetch_starting_adapter,
+    resolve_dtype,
+    run_problems,
+)
 
 if TYPE_CHECKING:
-    from registry.service import Registry
     from trainer.data import Message, PreferenceExample
 
 MANIFEST_FORMAT = "loraplex.dpo/1"
 TRAINED_ADAPTER = "default"  # peft's name for the adapter being trained
 REFERENCE_ADAPTER = "ref"  # the frozen copy TRL adds for a PEFT policy loaded with an adapter
-STARTING_ADAPTER = "from"  # the fetched NAME@V inside the run folder
-_LINEAGE_KEYS = ("format", "method", "base_model", "created_at", "steps", "best_val_loss",
-                 "final_val_loss", "from")  # fmt: skip
 
 __all__ = [
     "DPOSettings",
@@ -94,41 +97,6 @@ class DPOSettings:
         data = asdict(self)
         data["lora"]["target_modules"] = list(self.lora.target_modules)
         return data
-
-
-@dataclass(frozen=True)
-class StartingAdapter:
-    """A registry version DPO continues: where it was fetched to and what the manifest records."""
-
-    ref: str  # NAME@NUMBER
-    adapter_dir: Path
-    sha256: str
-    lora: LoraSettings
-    lineage: dict[str, Any]  # a summary of the version's own lineage
-
-    def to_json(self) -> dict[str, Any]:
-        return {"ref": self.ref, "sha256": self.sha256, "lineage": self.lineage}
-
-
-def fetch_starting_adapter(registry: Registry, ref: str, run_dir: Path) -> StartingAdapter:
-    """Resolve `ref` (NAME@V, or NAME@alias: recorded as the version it named) and fetch it into
-    run_dir/from (kept when it is already there, so a resumed run starts from the same bytes).
-    Registry errors propagate (RegistryUserError for an unknown name or version)."""
-    version = registry.store.resolve(ref)
-    folder = registry.fetch(version, Path(run_dir) / STARTING_ADAPTER)
-    config = json.loads((folder / "adapter_config.json").read_text(encoding="utf-8"))
-    lora = LoraSettings(
-        rank=int(config["r"]), alpha=float(config["lora_alpha"]),
-        dropout=float(config.get("lora_dropout") or 0.0),
-        target_modules=tuple(sorted(config["target_modules"])),
-    )  # fmt: skip
-    lineage = dict(version.lineage)
-    summary = {key: lineage[key] for key in _LINEAGE_KEYS if key in lineage}
-    summary["datasets"] = {
-        split: info.get("sha256") for split, info in (lineage.get("datasets") or {}).items()
-    }
-    summary |= {"created_by": version.created_by, "registered_at": version.created_at.isoformat()}
-    return StartingAdapter(version.ref, folder, version.sha256, lora, summary)
 
 
 @dataclass(frozen=True)

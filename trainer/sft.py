@@ -10,22 +10,27 @@ CLI's (`trainer.train_cli.register_result`). torch & co. are imported inside fun
 from __future__ import annotations
 
 import importlib.util
+import json
 import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from loraplex.hardware import DTYPES, choose_dtype
 from registry.base_model import BaseModel
 from trainer import outputs
 from trainer.outputs import TrainingError
 
+if TYPE_CHECKING:
+    from registry.service import Registry
+
 IGNORE_INDEX = -100  # labels the loss skips (torch's cross_entropy default)
 SCHEDULES = ("cosine", "linear", "constant")
 METHODS = ("lora", "qlora")
-QLORA_UNAVAILABLE = "QLoRA needs an NVIDIA GPU with bitsandbytes"
+QLORA_UNAVAILABLE = "QLoRA needs bitsandbytes for its 4-bit base"
+QUANTIZATION = {"library": "bitsandbytes", "bits": 4, "quant_type": "nf4", "double_quant": True}
 
 Progress = Callable[[dict[str, Any]], None]
 __all__ = [
@@ -78,6 +83,7 @@ class SFTSettings:
     save_every: int | None = None  # steps; default at every evaluation (else once per epoch)
     method: str = "lora"
     dtype: str = "auto"
+    start: str | None = None  # NAME@V continued (its own LoRA shape), None: a fresh LoRA
 
     def __post_init__(self) -> None:
         problems = self.lora.problems() + self._own_problems()
@@ -130,6 +136,46 @@ def run_problems(settings: Any, *, optional: dict[str, int | None] | None = None
     return found
 
 
+STARTING_ADAPTER = "from"  # the fetched NAME@V inside the run folder
+_LINEAGE_KEYS = ("format", "method", "base_model", "created_at", "steps", "best_val_loss",
+                 "final_val_loss", "from")  # fmt: skip
+
+
+@dataclass(frozen=True)
+class StartingAdapter:
+    """A registry version a run continues (SFT or DPO): where it was fetched to and what the manifest records."""
+
+    ref: str  # NAME@NUMBER
+    adapter_dir: Path
+    sha256: str
+    lora: LoraSettings
+    lineage: dict[str, Any]  # a summary of the version's own lineage
+
+    def to_json(self) -> dict[str, Any]:
+        return {"ref": self.ref, "sha256": self.sha256, "lineage": self.lineage}
+
+
+def fetch_starting_adapter(registry: Registry, ref: str, run_dir: Path) -> StartingAdapter:
+    """Resolve `ref` (NAME@V, or NAME@alias: recorded as the version it named) and fetch it into
+    run_dir/from (kept when it is already there, so a resumed run starts from the same bytes).
+    Registry errors propagate (RegistryUserError for an unknown name or version)."""
+    version = registry.store.resolve(ref)
+    folder = registry.fetch(version, Path(run_dir) / STARTING_ADAPTER)
+    config = json.loads((folder / "adapter_config.json").read_text(encoding="utf-8"))
+    lora = LoraSettings(
+        rank=int(config["r"]), alpha=float(config["lora_alpha"]),
+        dropout=float(config.get("lora_dropout") or 0.0),
+        target_modules=tuple(sorted(config["target_modules"])),
+    )  # fmt: skip
+    lineage = dict(version.lineage)
+    summary = {key: lineage[key] for key in _LINEAGE_KEYS if key in lineage}
+    summary["datasets"] = {
+        split: info.get("sha256") for split, info in (lineage.get("datasets") or {}).items()
+    }
+    summary |= {"created_by": version.created_by, "registered_at": version.created_at.isoformat()}
+    return StartingAdapter(version.ref, folder, version.sha256, lora, summary)
+
+
 @dataclass
 class TrainResult:
     adapter_dir: Path
@@ -179,20 +225,19 @@ def encode_chat(tokenizer: Any, messages: Sequence[Any]) -> Encoded:
 
 
 def check_method_available(method: str) -> None:
-    """QLoRA's 4-bit base needs CUDA and bitsandbytes: say so before any work is done."""
+    """QLoRA's 4-bit base needs bitsandbytes (on a CUDA GPU or, slower, on the CPU): where it
+    is missing or fails to import, say so before any work is done."""
     if method != "qlora":
         return
-    import torch
-
-    cuda = torch.cuda.is_available()
-    bnb = importlib.util.find_spec("bitsandbytes") is not None
-    if not (cuda and bnb):
-        missing = [
-            what
-            for what, ok in (("no CUDA GPU", cuda), ("bitsandbytes not installed", bnb))
-            if not ok
-        ]
-        raise TrainingError(f"{QLORA_UNAVAILABLE} ({', '.join(missing)}); use --method lora")
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise TrainingError(f"{QLORA_UNAVAILABLE} (not installed); use --method lora")
+    try:
+        import bitsandbytes  # noqa: F401
+    except Exception as e:  # a broken install or a missing native library: any error
+        reason = f"{type(e).__name__}: {e}".splitlines()[0]
+        raise TrainingError(
+            f"{QLORA_UNAVAILABLE} (it fails to import: {reason}); use --method lora"
+        ) from e
 
 
 def train_sft(
@@ -205,13 +250,24 @@ def train_sft(
     resume: bool = False,
     progress: Progress | None = None,
     base: BaseModel | None = None,
+    start: StartingAdapter | None = None,
 ) -> TrainResult:
     """Train an adapter on `train` (chat JSONL), evaluating on `val`, into `out_dir`.
 
-    `base` names the base model as the registry will (default: from the folder). With `resume`,
-    continue from the newest checkpoint in out_dir/checkpoints. Raises TrainingError for data or
-    settings that cannot train (nothing is written but the run record and checkpoints).
+    From `start` (fetched by fetch_starting_adapter: its weights are the trainable LoRA's
+    starting point, its shape the run's) when given, else a fresh LoRA. `base` names the base
+    model as the registry will (default: from the folder). With `resume`, continue from the
+    newest checkpoint in out_dir/checkpoints. Raises TrainingError for data or settings that
+    cannot train (nothing is written but the run record, the fetched version and checkpoints).
     """
+    if (start is None) != (settings.start is None):
+        raise TrainingError("settings.start and the starting adapter must be given together")
+    if start is not None and start.lora != settings.lora:
+        raise TrainingError(
+            f"--from {start.ref} is a rank-{start.lora.rank} adapter of "
+            f"{', '.join(start.lora.target_modules)} (alpha {start.lora.alpha:g}): "
+            "the settings must describe that adapter"
+        )
     check_method_available(settings.method)
     import torch
     from transformers import AutoTokenizer
@@ -223,12 +279,14 @@ def train_sft(
     datasets = {"train": train_info} | ({"val": val_info} if val_info else {})
     identity = (base or outputs.default_base_model(model_dir)).canonical(str(model_dir))
     record = outputs.run_record(settings=settings.to_json(), datasets=datasets, base_model=identity)
+    if start is not None:
+        record["from"] = start.to_json()
     checkpoint = outputs.prepare_run_dir(out_dir, record, resume=resume)
     choice = choose_dtype(settings.dtype, cuda=torch.cuda.is_available())
     dtype = resolve_dtype(choice.dtype)
     trainer = _build_trainer(
         model_dir=model_dir, tokenizer=tokenizer, train_set=train_set, val_set=val_set,
-        out_dir=out_dir, settings=settings, dtype=dtype, progress=progress,
+        out_dir=out_dir, settings=settings, dtype=dtype, progress=progress, start=start,
     )  # fmt: skip
     started = time.perf_counter()
     tokens_before = _tokens_seen_at(checkpoint)
@@ -242,6 +300,8 @@ def train_sft(
         out_dir, adapter_dir=adapter_dir, record=record, summary=summary,
         machine=outputs.machine(settings.dtype, dtype=dtype, reason=choice.reason),
         resumed_from_step=outputs.checkpoint_step(checkpoint) if checkpoint else None,
+        extra={"from": start.to_json() if start else None,
+               "quantization": quantization_record(dtype) if settings.method == "qlora" else None},
     )  # fmt: skip
     return TrainResult(
         adapter_dir=adapter_dir, metrics_path=out_dir / outputs.METRICS,
@@ -306,8 +366,10 @@ def _load_split(
 def _build_trainer(
     *, model_dir: Path, tokenizer: Any, train_set: Any, val_set: Any, out_dir: Path,
     settings: SFTSettings, dtype: str, progress: Progress | None,
+    start: StartingAdapter | None = None,
 ) -> Any:  # fmt: skip
-    """SFTTrainer on pre-tokenized rows (the labels are used as they are)."""
+    """SFTTrainer on pre-tokenized rows (the labels are used as they are); a fresh LoRA, or
+    `start`'s adapter loaded as the trainable one."""
     from datasets.utils.logging import disable_progress_bar
     from peft import LoraConfig
     from transformers import EarlyStoppingCallback, PrinterCallback
@@ -347,10 +409,15 @@ def _build_trainer(
     callbacks: list[Any] = [_ProgressCallback.make(progress)]
     if has_val and settings.early_stopping_patience:
         callbacks.append(EarlyStoppingCallback(settings.early_stopping_patience))
+    model = _load_model(model_dir, settings.method, dtype)
+    if start is not None:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, start.adapter_dir, is_trainable=True)
+        peft_config = None
     trainer = SFTTrainer(
-        model=_load_model(model_dir, settings.method, dtype), args=config,
-        train_dataset=train_set, eval_dataset=val_set, processing_class=tokenizer,
-        peft_config=peft_config, callbacks=callbacks,
+        model=model, args=config, train_dataset=train_set, eval_dataset=val_set,
+        processing_class=tokenizer, peft_config=peft_config, callbacks=callbacks,
     )  # fmt: skip
     trainer.remove_callback(PrinterCallback)
     # Steps per epoch are known only now (packing changes the row count): evaluate at every
@@ -369,12 +436,17 @@ def _cuda() -> bool:
     return torch.cuda.is_available()
 
 
+def quantization_record(dtype: str) -> dict[str, Any]:
+    """What the manifest of a QLoRA run records about its base (the adapter is served on the
+    full-precision base)."""
+    return QUANTIZATION | {"compute_dtype": dtype,
+                           "version": outputs.library_versions().get("bitsandbytes")}  # fmt: skip
+
+
 def _load_model(model_dir: Path, method: str, dtype: str) -> Any:
     """The frozen base in the chosen dtype (bf16 weights where bf16 is chosen, the LoRA in fp32
-    as peft keeps it); a 4-bit base for QLoRA.
-
-    QLoRA: no inference may run before training. An eval-mode forward switches bitsandbytes'
-    4-bit weights to a packed format without autograd and training then goes silently wrong.
+    as peft keeps it); a 4-bit NF4 base for QLoRA, on the GPU where there is one, else on the
+    CPU (no memory win at 135M: the point is the adapter, served on the full-precision base).
     """
     import torch
     from transformers import AutoModelForCausalLM
@@ -391,9 +463,33 @@ def _load_model(model_dir: Path, method: str, dtype: str) -> Any:
         bnb_4bit_compute_dtype=compute,
     )  # fmt: skip
     model = AutoModelForCausalLM.from_pretrained(
-        model_dir, quantization_config=quantization, dtype=compute, device_map={"": 0}
-    )
+        model_dir, quantization_config=quantization, dtype=compute,
+        device_map={"": 0 if _cuda() else "cpu"},
+    )  # fmt: skip
+    keep_4bit_weights_trainable(model)
     return prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+
+
+def keep_4bit_weights_trainable(model: Any) -> int:
+    """Stop bitsandbytes from repacking 4-bit weights for its CPU inference kernel; the number
+    of 4-bit layers seen.
+
+    bitsandbytes 0.50's Linear4bit.forward, on a CPU with AVX512-BF16 (the layer's
+    `support_avx512bf16_for_cpu`, probed at construction), converts its weight in place to a
+    packed layout at the first forward in eval mode without grad: exactly what the trainer's
+    evaluations (every --eval-every steps, the final one) do. From then on every forward takes
+    the fused gemv kernel, which has no autograd: the gradient stops at each 4-bit layer and
+    training goes on silently wrong. With the flag off the layer always takes the dequantizing
+    path, which trains and evaluates alike. A layer already packed is refused, not guessed at.
+    """
+    from bitsandbytes.nn import Linear4bit
+
+    layers = [m for m in model.modules() if isinstance(m, Linear4bit)]
+    for layer in layers:
+        if getattr(layer.weight.quant_state, "packing_format_for_cpu", False):
+            raise TrainingError("a 4-bit layer was already packed for inference: reload the base")
+        layer.support_avx512bf16_for_cpu = False
+    return len(layers)
 
 
 def _tokens_seen_at(checkpoint: Path | None) -> int:
@@ -401,7 +497,10 @@ def _tokens_seen_at(checkpoint: Path | None) -> int:
 
 
 class _ProgressCallback:
-    """Forwards each log (train loss, eval loss) to `progress` as a plain dict."""
+    """Forwards the run's progress to `progress` as plain dicts, each with its "event": start;
+    train (loss, learning rate, DPO's rewards); eval (eval_loss); checkpoint (its path, once
+    saved). The command that trains adds "done" at the end (trainer.train_cli).
+    """
 
     @staticmethod
     def make(progress: Progress | None) -> Any:
@@ -422,7 +521,18 @@ class _ProgressCallback:
                 if "eval_loss" in logs:
                     report(event | {"event": "eval", "eval_loss": logs["eval_loss"]})
                 elif "loss" in logs:
+                    rewards = {key.removeprefix(_REWARDS): value for key, value in logs.items()
+                               if key.startswith(_REWARDS)}  # fmt: skip
                     report(event | {"event": "train", "loss": logs["loss"],
-                                    "learning_rate": logs.get("learning_rate")})  # fmt: skip
+                                    "learning_rate": logs.get("learning_rate")}
+                           | ({"rewards": rewards} if rewards else {}))  # fmt: skip
+
+            def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+                path = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+                report({"event": "checkpoint", "step": state.global_step,
+                        "max_steps": state.max_steps, "path": str(path.resolve())})  # fmt: skip
 
         return Forward()
+
+
+_REWARDS = "rewards/"  # DPOTrainer's logged reward metrics: rewards/chosen, .../margins, ...

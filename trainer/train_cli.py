@@ -1,9 +1,9 @@
 """`loraplex train`: validate data, train an adapter, optionally register it.
 
 `train` parses flags and calls trainer.data.validate, then trainer.sft.train_sft (chat data) or,
-with `--method dpo`, trainer.dpo.train_dpo (preference data; `--from NAME@V` continues a registry
-version) and, with --register, `register_result`: the one step that puts a finished run into the registry as the
-next version of a name, with the run's manifest as lineage (other training methods call it
+with `--method dpo`, trainer.dpo.train_dpo (preference data); with either, `--from NAME@V`
+continues a registry version instead of a fresh LoRA. With --register, `register_result`: the
+one step that puts a finished run into the registry as the next version of a name, with the run's manifest as lineage (other training methods call it
 too). Every expected failure prints one line `error: ...` on stderr and exits 2 (bad data or
 flags, a rejected adapter: then nothing is registered) or 1 (the registry is unreachable).
 """
@@ -37,8 +37,8 @@ if TYPE_CHECKING:
     from registry.records import VersionRecord
     from registry.service import Registry
     from registry.settings import RegistrySettings
-    from trainer.dpo import DPOSettings, StartingAdapter
-    from trainer.sft import SFTSettings, TrainResult
+    from trainer.dpo import DPOSettings
+    from trainer.sft import SFTSettings, StartingAdapter, TrainResult
 
 train_app = typer.Typer(help="Train adapters on chat or preference data.", no_args_is_help=True)
 _LORA_DEFAULTS = {"rank": 16, "alpha": 32.0, "dropout": 0.05,
@@ -80,9 +80,7 @@ def train(
     ] = "lora",
     start: Annotated[
         str | None,
-        typer.Option(
-            "--from", help="dpo: continue this registry version (NAME@V), not a fresh LoRA"
-        ),
+        typer.Option("--from", help="continue this registry version (NAME@V), not a fresh LoRA"),
     ] = None,
     beta: Annotated[float, typer.Option("--beta", help="dpo: strength of the reference")] = 0.1,
     sft_weight: Annotated[
@@ -119,6 +117,10 @@ def train(
     ] = None,
     dtype: Annotated[str, typer.Option("--dtype", help="auto, bfloat16 or float32")] = "auto",
     resume: Annotated[bool, typer.Option("--resume", help="continue the run in --out")] = False,
+    events: Annotated[
+        Path | None,
+        typer.Option("--events", help="append each progress event to this file, a JSON a line"),
+    ] = None,
     register: Annotated[bool, typer.Option("--register", help="register the adapter")] = False,
     gate: Annotated[
         bool | None,
@@ -137,7 +139,7 @@ def train(
     json_output: JsonOpt = False,
 ) -> None:
     """Train a LoRA adapter on chat data (loss on assistant tokens only), or with --method dpo
-    on preference pairs (from the base or on top of --from NAME@V); print its outputs."""
+    on preference pairs; a fresh one on the base, or --from NAME@V on; print its outputs."""
     from trainer.sft import LoraSettings, SFTSettings, TrainingError, check_method_available
 
     flags = {"home": home, "registry": registry, "artifacts": artifacts}
@@ -182,8 +184,9 @@ def train(
     if start is not None:
         starting = _fetch_start(start, out_dir, identity, flags)
         settings = _with_start(settings, starting)
+    log = _EventLog(events)
     result = _run(model_dir, data, val, out_dir, settings, resume=resume, base=base,
-                  start=starting)  # fmt: skip
+                  start=starting, events=log)  # fmt: skip
     if gate if gate is not None else register:
         verdict = _serving_gate(result, model_dir, data=data, val=val, settings=settings,
                                 forced=force)  # fmt: skip
@@ -196,6 +199,7 @@ def train(
     if register:
         with opened_registry(**flags) as reg:
             version = register_result(result, name, registry=reg, actor=who, tags=tags)
+    log.write(_done_event(result, version))
     _print_result(result, version, as_json=json_output)
 
 
@@ -248,16 +252,14 @@ def _check_method_flags(
     *, dpo: bool, start: str | None, beta: float, sft_weight: float, packing: bool,
     early_stopping: int | None, lora: Mapping[str, Any],
 ) -> None:  # fmt: skip
-    """Flags that belong to one method only: a clear error instead of a silently ignored flag."""
+    """Flags that belong to one method only, and LoRA shape flags beside --from (which takes
+    the version's own shape): a clear error instead of a silently ignored flag."""
     if not dpo:
-        if start is not None:
-            fail("--from continues a registry version with --method dpo only")
         if beta != 0.1:
             fail("--beta applies to --method dpo only")
         if sft_weight:
             fail("--sft-weight applies to --method dpo only")
-        return
-    if packing or early_stopping is not None:
+    elif packing or early_stopping is not None:
         fail("--packing and --early-stopping apply to SFT (--method lora or qlora) only")
     changed = [f"--{key.replace('_', '-')}" for key, value in lora.items()
                if value != _LORA_DEFAULTS[key]]  # fmt: skip
@@ -286,7 +288,7 @@ def _fetch_start(
     ref: str, out_dir: Path, identity: str, flags: Mapping[str, Any]
 ) -> StartingAdapter:
     """The version --from names, fetched into the run folder; on another base model: exit 2."""
-    from trainer.dpo import fetch_starting_adapter
+    from trainer.sft import fetch_starting_adapter
 
     with opened_registry(**flags) as reg:
         starting = fetch_starting_adapter(reg, ref, out_dir)
@@ -297,7 +299,7 @@ def _fetch_start(
     return starting
 
 
-def _with_start(settings: Any, starting: StartingAdapter) -> DPOSettings:
+def _with_start(settings: Any, starting: StartingAdapter) -> SFTSettings | DPOSettings:
     """The settings of a run continuing `starting`: its own LoRA shape, its resolved ref."""
     from dataclasses import replace
 
@@ -361,10 +363,10 @@ def _check_registrable(name: str, identity: str, flags: Mapping[str, Any]) -> No
 def _run(
     model_dir: Path, data: Path, val: Path | None, out_dir: Path,
     settings: SFTSettings | DPOSettings, *, resume: bool, base: BaseModel,
-    start: StartingAdapter | None = None,
+    start: StartingAdapter | None = None, events: _EventLog | None = None,
 ) -> TrainResult:  # fmt: skip
-    """train_sft (or train_dpo) with a progress bar (step, loss) on stderr; TrainingError ->
-    exit 2."""
+    """train_sft (or train_dpo) with a progress bar (step, loss) on stderr and each event in
+    `events`; TrainingError -> exit 2."""
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
@@ -376,6 +378,8 @@ def _run(
         task = bar.add_task("train", total=None, loss="-", val="-")
 
         def update(event: dict[str, Any]) -> None:
+            if events is not None:
+                events.write(event)
             fields: dict[str, Any] = {"completed": event["step"], "total": event["max_steps"]}
             if event["event"] == "train":
                 fields["loss"] = f"{event['loss']:.4f}"
@@ -393,10 +397,45 @@ def _run(
                 )  # fmt: skip
             return train_sft(
                 model_dir=model_dir, train=data, val=val, out_dir=out_dir, settings=settings,
-                resume=resume, progress=update, base=base,
+                resume=resume, progress=update, base=base, start=start,
             )  # fmt: skip
         except TrainingError as e:
             fail(str(e))
+
+
+class _EventLog:
+    """--events: each event appended to the file as one JSON line and flushed at once, so that
+    a reader tailing it sees every step as it ends. Nothing is written without a path."""
+
+    def __init__(self, path: Path | None) -> None:
+        self.path = path
+        if path is not None:
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.touch()
+            except OSError as e:
+                fail(f"--events {path}: cannot write there ({e.strerror or e}); nothing trained")
+
+    def write(self, event: Mapping[str, Any]) -> None:
+        if self.path is None:
+            return
+        stamped = dict(event) | {"time": datetime.now(UTC).isoformat(timespec="milliseconds")}
+        with self.path.open("a", encoding="utf-8") as handle:
+            handle.write(json.dumps(stamped) + "\n")
+            handle.flush()
+
+
+def _done_event(result: TrainResult, version: VersionRecord | None) -> dict[str, Any]:
+    """The last event of a run, once its outputs are written (and registered with --register)."""
+    manifest = result.manifest
+    gate = manifest.get("serving_gate")
+    return {"event": "done", "step": manifest["steps"], "max_steps": manifest["steps"],
+            "adapter_dir": str(result.adapter_dir.resolve()),
+            "manifest": str(result.manifest_path.resolve()),
+            "best_val_loss": result.best_val_loss, "final_val_loss": result.final_val_loss,
+            "early_stopped": manifest["early_stopped"],
+            "serving_gate_passed": gate["passed"] if gate else None,
+            "version": version.ref if version else None}  # fmt: skip
 
 
 def _print_result(result: TrainResult, version: VersionRecord | None, *, as_json: bool) -> None:

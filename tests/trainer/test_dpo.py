@@ -73,7 +73,8 @@ def run(tmp_path_factory: pytest.TempPathFactory, embedded_model_dir: Path) -> d
     home, out = root / "home", root / "run"
     args = dpo_args(train, out, embedded_model_dir, home, "--val", str(val), "--lr", "5e-4",
                     "--max-steps", str(STEPS), "--eval-every", str(EVAL_EVERY),
-                    "--sft-weight", "1", gate=True)  # fmt: skip
+                    "--sft-weight", "1", "--events", str(root / "events.jsonl"),
+                    gate=True)  # fmt: skip
     result = CliRunner().invoke(cli_app(), args)
     assert result.exit_code == 0, result.output + str(result.exception)
     return {"root": root, "home": home, "out": out, "train": train, "val": val,
@@ -123,6 +124,20 @@ def test_metrics_have_rising_reward_margins_and_accuracy(run: dict[str, object])
     assert metrics["final_val_reward_accuracy"] >= 0.75
     assert metrics["train_loss"][-1]["loss"] < metrics["train_loss"][0]["loss"]
     assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_events_carry_each_steps_rewards(run: dict[str, object]) -> None:
+    events = [json.loads(line) for line in (run["root"] / "events.jsonl").read_text().splitlines()]
+    train = [e for e in events if e["event"] == "train"]
+    rewards = json.loads((run["out"] / "metrics.json").read_text())["rewards"]
+    assert [e["step"] for e in train] == list(range(1, STEPS + 1))
+    for event, logged in zip(train, rewards, strict=True):
+        for key in ("chosen", "rejected", "margins", "accuracies"):
+            assert event["rewards"][key] == logged[key], (key, event)
+    assert [e["step"] for e in events if e["event"] == "eval"] == [8, 16]
+    assert [e["step"] for e in events if e["event"] == "checkpoint"] == [8, 16]
+    assert events[0]["event"] == "start" and events[-1]["event"] == "done"
+    assert events[-1]["version"] == f"{NAME}@1"
 
 
 def test_manifest_and_registered_lineage(run: dict[str, object]) -> None:
@@ -285,7 +300,7 @@ def test_flags_of_the_other_method_are_refused(tmp_path: Path, embedded_model_di
     data = write_rows(tmp_path / "prefs.jsonl", pair_rows(TRAINING_PAIRS[:2]))
     home, out = tmp_path / "home", tmp_path / "run"
     cases = [
-        (["--method", "lora", "--from", f"{NAME}@1"], "--from continues a registry version"),
+        (["--method", "lora", "--from", f"{NAME}@1", "--alpha", "8"], "--alpha shape a fresh"),
         (["--method", "lora", "--beta", "0.5"], "--beta applies to --method dpo only"),
         (["--method", "lora", "--sft-weight", "1"], "--sft-weight applies to --method dpo only"),
         (["--sft-weight", "-1"], "sft weight must be 0 or more"),

@@ -1,5 +1,6 @@
 """SFT end to end on the embedded model: assistant-only masks, a trained behaviour, the run's
-outputs and lineage, resume, registration through `loraplex train`, and every refusal.
+outputs and lineage, resume, registration through `loraplex train`, continuing a registered
+version with `--from`, and every refusal.
 
 One real training run (through the CLI, with --register) is shared by the module; the resume
 test trains three short runs of its own. Run under the engine lock (it trains on the CPU).
@@ -78,7 +79,7 @@ def run(tmp_path_factory: pytest.TempPathFactory, embedded_model_dir: Path) -> d
             "--model", str(embedded_model_dir), "--lr", "2e-3", "--schedule", "constant",
             "--max-steps", str(STEPS), "--batch-size", "8", "--max-seq-len", "128",
             "--eval-every", str(EVAL_EVERY), "--seed", "7", "--register", "--tag", "team=qa",
-            "--json", *registry_flags(home)]  # fmt: skip
+            "--events", str(root / "events.jsonl"), "--json", *registry_flags(home)]  # fmt: skip
     result = CliRunner().invoke(cli_app(), args)
     assert result.exit_code == 0, result.output + str(result.exception)
     return {"root": root, "home": home, "out": out, "train": train, "val": val,
@@ -188,6 +189,80 @@ def test_register_lands_the_next_version_with_its_lineage(run: dict[str, object]
     assert version.base_model == "smollm2" and version.rank == 16
 
 
+def test_events_file_has_every_step_evaluation_and_checkpoint_in_order(
+    run: dict[str, object],
+) -> None:
+    """--events: start, one train event a step (its loss as metrics.json has it), an eval
+    event at each evaluation, a checkpoint event once each checkpoint is on disk, done last."""
+    lines = (run["root"] / "events.jsonl").read_text().splitlines()
+    events = [json.loads(line) for line in lines]
+    kinds = [e["event"] for e in events]
+    assert kinds[0] == "start" and kinds[-1] == "done"
+    assert events[0]["step"] == 0 and events[0]["max_steps"] == STEPS
+    train = [e for e in events if e["event"] == "train"]
+    metrics = json.loads((run["out"] / "metrics.json").read_text())
+    assert [e["step"] for e in train] == list(range(1, STEPS + 1))
+    assert [e["loss"] for e in train] == [e["loss"] for e in metrics["train_loss"]]
+    assert all(e["max_steps"] == STEPS and e["learning_rate"] > 0 and e["epoch"] for e in train)
+    evals = [e for e in events if e["event"] == "eval"]
+    assert [e["step"] for e in evals] == [8, 16, 24]
+    assert [e["eval_loss"] for e in evals] == [e["loss"] for e in metrics["eval_loss"]]
+    saved = [e for e in events if e["event"] == "checkpoint"]
+    assert [e["step"] for e in saved] == [8, 16, 24]
+    assert all(Path(e["path"]).name == f"checkpoint-{e['step']}" for e in saved)
+    for step in (8, 16, 24):  # train, then eval, then the checkpoint, for each saved step
+        at = [e["event"] for e in events[:-1] if e["step"] == step]
+        assert at == ["train", "eval", "checkpoint"], at
+    done = events[-1]
+    assert done["version"] == f"{NAME}@1" and done["step"] == STEPS
+    assert done["best_val_loss"] == metrics["best_val_loss"] and done["serving_gate_passed"]
+    assert Path(done["adapter_dir"]) == (run["out"] / "adapter").resolve()
+
+
+def test_from_starts_at_the_registered_versions_weights_and_names_it_as_parent(
+    run: dict[str, object], embedded_model_dir: Path
+) -> None:
+    """--from NAME@1 --register: with a learning rate too small to move the weights, the first
+    evaluation is NAME@1's own best validation loss (a fresh LoRA would score the base's) and
+    the result is NAME@2, whose lineage names NAME@1 and its sha256."""
+    from safetensors.torch import load_file
+
+    out = run["root"] / "from-run"
+    args = ["train", "--data", str(run["train"]), "--val", str(run["val"]), "--name", NAME,
+            "--out", str(out), "--model", str(embedded_model_dir), "--from", f"{NAME}@1",
+            "--lr", "1e-12", "--schedule", "constant", "--max-steps", "1", "--batch-size", "8",
+            "--max-seq-len", "128", "--eval-every", "1", "--seed", "7", "--register",
+            "--no-gate", "--json", *registry_flags(run["home"])]  # fmt: skip
+    result = CliRunner().invoke(cli_app(), args)
+    assert result.exit_code == 0, result.output + str(result.exception)
+    assert json.loads(result.stdout)["version"]["version"] == 2
+
+    parent = json.loads((run["out"] / "manifest.json").read_text())
+    first_eval = json.loads((out / "metrics.json").read_text())["eval_loss"][0]
+    assert first_eval["step"] == 1
+    assert first_eval["loss"] == pytest.approx(parent["best_val_loss"], rel=1e-4)
+    before = load_file(run["out"] / "adapter" / "adapter_model.safetensors")
+    after = load_file(out / "adapter" / "adapter_model.safetensors")
+    assert before.keys() == after.keys()
+    for key, tensor in before.items():
+        assert tensor.float().allclose(after[key].float(), atol=1e-6), key
+
+    manifest = json.loads((out / "manifest.json").read_text())
+    with open_registry(run["home"]) as registry:
+        v1, v2 = (registry.store.resolve(f"{NAME}@{n}") for n in (1, 2))
+    assert manifest["method"] == "lora" and manifest["hyperparameters"]["start"] == f"{NAME}@1"
+    assert manifest["from"]["ref"] == f"{NAME}@1" and manifest["from"]["sha256"] == v1.sha256
+    assert manifest["from"]["lineage"]["best_val_loss"] == parent["best_val_loss"]
+    assert dict(v2.lineage) == manifest and v2.rank == v1.rank == 16
+
+    refused = CliRunner().invoke(
+        cli_app(),
+        [*args[: -len(registry_flags(run["home"]))], "--rank", "8", *registry_flags(run["home"])],
+    )
+    assert refused.exit_code == 2
+    assert f"--rank shape a fresh adapter; --from {NAME}@1" in refused.stderr
+
+
 def test_resume_ends_where_an_uninterrupted_run_ends(
     tmp_path: Path, embedded_model_dir: Path
 ) -> None:
@@ -267,20 +342,6 @@ def test_every_example_over_the_max_length_is_a_clear_error(
         train_sft(model_dir=embedded_model_dir, train=train, val=None, out_dir=tmp_path / "run",
                   settings=SFTSettings(max_seq_len=64))  # fmt: skip
     assert not (tmp_path / "run").exists()
-
-
-def test_qlora_without_a_gpu_is_refused_before_any_work(tmp_path: Path) -> None:
-    import torch
-
-    if torch.cuda.is_available():
-        pytest.skip("this machine has a GPU")
-    missing = tmp_path / "does-not-exist.jsonl"
-    args = ["train", "--data", str(missing), "--name", NAME, "--method", "qlora",
-            "--out", str(tmp_path / "run")]  # fmt: skip
-    result = CliRunner().invoke(cli_app(), args)
-    assert result.exit_code == 2
-    assert "error: QLoRA needs an NVIDIA GPU with bitsandbytes" in result.stderr
-    assert "use --method lora" in result.stderr
 
 
 def test_a_name_on_another_base_model_is_refused_before_training(
