@@ -11,7 +11,7 @@ from __future__ import annotations
 import statistics
 from dataclasses import asdict, dataclass
 
-from bench._adapters import ADAPTER_NAMES
+from bench._adapters import ADAPTER_NAMES, ALL_ADAPTER_NAMES
 
 BASE_MODEL = "smollm2"
 
@@ -38,6 +38,7 @@ SCENARIOS: dict[str, tuple[str, ...]] = {
     "base": (BASE_MODEL,),
     "one": (ADAPTER_NAMES[0],),
     "mixed": ADAPTER_NAMES,  # round-robin, one adapter per request in turn
+    "mixed8": ALL_ADAPTER_NAMES,  # the same over 8 adapters (run with --max-loras 8)
 }
 
 
