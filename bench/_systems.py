@@ -101,10 +101,14 @@ def _load_json(load: LoadSample) -> dict[str, float]:
 
 
 def run_http_system(
-    make_spec: Callable[[int], LaunchSpec], opts: RunOptions, *, label: str
-) -> tuple[dict[str, dict[str, object]], list[dict[str, object]]]:
+    make_spec: Callable[[int], LaunchSpec], opts: RunOptions, *, label: str,
+    measure_with: Callable[..., ScenarioResult] = measure_scenario,
+    on_ready: Callable[[str], None] | None = None,
+) -> tuple[dict[str, dict[str, object]], list[dict[str, object]]]:  # fmt: skip
     """Start a server, measure every scenario against it (through loadtest), stop it.
 
+    `measure_with` has `bench._load.measure_scenario`'s signature (a server that needs more in
+    each request body brings its own); `on_ready(base_url)` runs once before the scenarios.
     Returns the figures per scenario and the server's process layout (threads, CPU binding).
     loadtest's summary and per-request CSV of each scenario are kept under
     `work_dir/loadtest/<label>/<scenario>/`.
@@ -116,9 +120,11 @@ def run_http_system(
     _log(f"{label}: starting ({spec.name}, log {log_path})")
     with running(spec, port=port, log_path=log_path) as server:
         layout = process_layout(server.pid)
+        if on_ready is not None:
+            on_ready(server.base_url)
         for scenario in opts.scenarios:
             measure = functools.partial(
-                measure_scenario, server.base_url,
+                measure_with, server.base_url,
                 items=work_items(scenario, requests=opts.requests),
                 warmup=warmup_items(scenario), concurrency=opts.concurrency,
                 max_tokens=opts.max_tokens, folder=opts.work_dir / "loadtest" / label / scenario,

@@ -1,9 +1,11 @@
-"""Serving benchmark: loraplex vs vLLM's own OpenAI server vs a transformers + peft loop.
+"""Serving benchmark: loraplex vs vLLM's own OpenAI server vs a transformers + peft loop, and vs
+llama.cpp's llama-server (the embedded model's Q4_1 GGUF, the adapters converted to GGUF LoRA).
 
 The same workload runs against each system: 16 fixed chat prompts (cycled), greedy, a fixed
 number of output tokens (`ignore_eos`), streamed, `--concurrency` requests in flight (closed
 loop; the two servers are driven by the `loadtest` library, see bench/_load.py); scenarios: the
-base model only, one adapter, and four adapters round-robin ("mixed"). Both servers compute in
+base model only, one adapter, four adapters round-robin ("mixed") and, on request, eight
+("mixed8"). The vLLM-based servers compute in
 the dtype `loraplex serve` chooses for this CPU (`--dtype` to override), the peft loop too
 (`--peft-dtype`); the result records the CPU and the dtype.
 Per scenario it records output tokens/s (all output tokens / wall time), median and p90 time to
@@ -27,14 +29,23 @@ if __package__ in (None, ""):  # run as a script: make `bench` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench._adapters import ADAPTER_NAMES, ALPHA, RANK, TARGET_MODULES, ensure_adapters
+from bench._llamacpp import (
+    adapter_check,
+    base_gguf,
+    converted_adapters,
+    cpu_cores,
+    llamacpp_spec,
+    make_measure,
+)
 from bench._machine import machine_info
 from bench._report import Figures, ratios, table, verdicts, write_json
 from bench._servers import PATCH_FLAG, EngineSettings, loraplex_spec, vllm_spec
 from bench._systems import RunOptions, run_http_system, run_peft
-from bench._workload import PROMPTS, SCENARIOS
+from bench._workload import BASE_MODEL, PROMPTS, SCENARIOS
 from loraplex.hardware import DTYPES, choose_dtype
 
-SYSTEMS = ("loraplex", "vllm", "peft")
+SYSTEMS = ("loraplex", "vllm", "peft", "llamacpp")
+DEFAULT_SCENARIOS = ("base", "one", "mixed")
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 
@@ -90,7 +101,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=None, help="JSON result file")
     p.add_argument("--only", type=_csv(SYSTEMS), default=SYSTEMS, help="systems to run")
     p.add_argument(
-        "--scenarios", type=_csv(tuple(SCENARIOS)), default=tuple(SCENARIOS), help="scenarios"
+        "--scenarios",
+        type=_csv(tuple(SCENARIOS)),
+        default=DEFAULT_SCENARIOS,
+        help=f"scenarios, from {','.join(SCENARIOS)} (mixed8: 8 adapters, give --max-loras 8)",
     )
     add_model_options(p, work_dir_help="bench adapters and server logs")
     p.add_argument("--kv-cache-gib", type=int, default=2)
@@ -126,12 +140,13 @@ def resolve_model(model: Path | None, home: Path) -> Path:
 def engine_settings(
     model_dir: Path, *, work_dir: Path, max_loras: int = 4, max_num_seqs: int = 32,
     kv_cache_gib: int = 2, env: dict[str, str] | None = None, dtype: str = "auto",
+    adapter_names: tuple[str, ...] = ADAPTER_NAMES,
 ) -> EngineSettings:  # fmt: skip
     """The shared engine settings, with the bench adapters (created on first use)."""
     return EngineSettings(
         dtype=choose_dtype(dtype).dtype,
         model_dir=model_dir,
-        adapters=ensure_adapters(model_dir, work_dir / "adapters"),
+        adapters=ensure_adapters(model_dir, work_dir / "adapters", adapter_names),
         max_loras=max_loras,
         max_num_seqs=max_num_seqs,
         kv_cache_gib=kv_cache_gib,
@@ -158,7 +173,52 @@ def run_systems(
         extra["process_layout"] = layouts
     if "peft" in only:
         figures["peft"], extra["peft"] = run_peft(settings, opts, dtype=peft_dtype)
+    if "llamacpp" in only:
+        figures["llamacpp"], layouts["llamacpp"], extra["llamacpp"] = run_llamacpp(settings, opts)
+        extra["process_layout"] = layouts
     return figures, extra
+
+
+def run_llamacpp(
+    settings: EngineSettings, opts: RunOptions
+) -> tuple[dict[str, dict[str, object]], list[dict[str, object]], dict[str, object]]:
+    """llama-server on the embedded model's GGUF, every bench adapter converted and loaded; the
+    adapters' effect on its answers is checked before anything is measured."""
+    gguf = base_gguf(opts.work_dir)
+    loras = converted_adapters(settings.adapters, gguf, opts.work_dir / "gguf-lora")
+    info: dict[str, object] = {
+        "server": "llama-server embedded in xllamacpp", "model_gguf": str(gguf),
+        "loras": {k: str(v) for k, v in loras.items()}, "parallel": opts.concurrency,
+        "threads": cpu_cores(), "cache_ram_mib": 0, "context_per_slot": 2048,
+        "request_lora": "every adapter, scale 1 for the request's model, 0 for the others",
+    }  # fmt: skip
+
+    def check(base_url: str) -> None:
+        info["adapter_check"] = adapter_check(base_url, tuple(loras))
+
+    figures, layout = run_http_system(
+        lambda port: llamacpp_spec(model=gguf, loras=loras, port=port, parallel=opts.concurrency),
+        opts, label="llamacpp", measure_with=make_measure(tuple(loras)), on_ready=check,
+    )  # fmt: skip
+    return figures, layout, info
+
+
+def llamacpp_ratios(figures: Figures, scenarios: tuple[str, ...]) -> dict[str, dict[str, object]]:
+    """loraplex / llama.cpp throughput and the two median TTFTs, per scenario."""
+    rows: dict[str, dict[str, object]] = {}
+    for scenario in scenarios:
+        lp = figures.get("loraplex", {}).get(scenario, {})
+        lc = figures.get("llamacpp", {}).get(scenario, {})
+        if not lp or not lc:
+            continue
+        rows[scenario] = {
+            "loraplex_vs_llamacpp_throughput": round(
+                float(lp["output_tokens_per_second"]) / float(lc["output_tokens_per_second"]), 3
+            ),
+            "loraplex_ttft_median_ms": lp["ttft_median_ms"],
+            "llamacpp_ttft_median_ms": lc["ttft_median_ms"],
+        }
+    return rows
 
 
 def reuse_figures(figures: Figures, path: Path, scenarios: tuple[str, ...]) -> list[str]:
@@ -199,10 +259,14 @@ def main(argv: list[str] | None = None) -> int:
     home = (args.home or default_home()).expanduser()
     started = utc_stamp()
     out = args.out or RESULTS_DIR / f"serving-{started}.json"
+    if "llamacpp" in args.only and args.model is not None:
+        raise SystemExit("error: llamacpp serves the embedded model's GGUF only; drop --model")
+    names = tuple(dict.fromkeys(m for s in args.scenarios for m in SCENARIOS[s] if m != BASE_MODEL))
     settings = engine_settings(
         resolve_model(args.model, home), work_dir=args.work_dir.expanduser(),
         max_loras=args.max_loras, max_num_seqs=args.max_num_seqs,
         kv_cache_gib=args.kv_cache_gib, env=dict(args.env), dtype=args.dtype,
+        adapter_names=names or ADAPTER_NAMES,
     )  # fmt: skip
     opts = RunOptions(
         requests=args.requests, concurrency=args.concurrency, max_tokens=args.max_tokens,
@@ -214,6 +278,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     reused = reuse_figures(figures, args.reuse_from, opts.scenarios) if args.reuse_from else []
     ratio_rows = ratios(figures, opts.scenarios)
+    vs_llamacpp = llamacpp_ratios(figures, opts.scenarios)
     reuse_note = {"from": str(args.reuse_from), "systems": reused} if reused else None
     document: dict[str, object] = {
         "benchmark": "serving",
@@ -224,10 +289,16 @@ def main(argv: list[str] | None = None) -> int:
         "settings": {**settings_json(opts, settings, reused=reuse_note), **extra},
         "results": figures,
         "ratios": ratio_rows,
+        "ratios_vs_llamacpp": vs_llamacpp,
         "targets_met": verdicts(ratio_rows),
     }
     write_json(out, document)
     print(table(figures, ratio_rows))
+    for scenario, row in vs_llamacpp.items():
+        print(
+            f"{scenario:<8} loraplex/llamacpp {row['loraplex_vs_llamacpp_throughput']}x, TTFT p50 "
+            f"{row['loraplex_ttft_median_ms']} / {row['llamacpp_ttft_median_ms']} ms"
+        )
     if reused:
         print(f"figures of {', '.join(reused)} reused from {args.reuse_from}")
     print(f"targets: {document['targets_met']}")
