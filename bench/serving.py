@@ -45,6 +45,7 @@ from bench._workload import BASE_MODEL, PROMPTS, SCENARIOS
 from loraplex.hardware import DTYPES, choose_dtype
 
 SYSTEMS = ("loraplex", "vllm", "peft", "llamacpp")
+DEFAULT_SYSTEMS = ("loraplex", "vllm", "peft")  # llamacpp on request (the bench extra)
 DEFAULT_SCENARIOS = ("base", "one", "mixed")
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
@@ -99,7 +100,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--concurrency", type=int, default=8, help="requests in flight (HTTP systems)")
     p.add_argument("--max-tokens", type=int, default=64, help="output tokens per request")
     p.add_argument("--out", type=Path, default=None, help="JSON result file")
-    p.add_argument("--only", type=_csv(SYSTEMS), default=SYSTEMS, help="systems to run")
+    p.add_argument(
+        "--only", type=_csv(SYSTEMS), default=DEFAULT_SYSTEMS,
+        help=f"systems to run, from {','.join(SYSTEMS)} (default: {','.join(DEFAULT_SYSTEMS)})",
+    )  # fmt: skip
     p.add_argument(
         "--scenarios",
         type=_csv(tuple(SCENARIOS)),
