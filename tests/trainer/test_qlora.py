@@ -40,10 +40,10 @@ def test_qlora_on_the_cpu_keeps_learning_through_its_evaluations_and_passes_the_
     tmp_path: Path, embedded_model_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """bitsandbytes' CPU probe is made to say AVX512-BF16 (this CPU has AVX2 only), so the
-    4-bit layers are built as on such a CPU: there an eval-mode forward repacks their weights
-    for a kernel without autograd, and the evaluations at steps 4 and 8 would derail the rest
-    of the run. The run must keep learning after each evaluation, pass the serving gate (the
-    adapter served by the real engine on the full-precision base) and record its quantization.
+    4-bit layers are built as on such a CPU, where an eval-mode forward repacks their weights
+    for a kernel without autograd (the next test checks that mechanism). The run must keep
+    learning after each evaluation (steps 4 and 8), pass the serving gate (the adapter served
+    by the real engine on the full-precision base) and record its quantization.
     """
     import bitsandbytes.nn.modules as bnb_modules
     import typer
@@ -113,3 +113,26 @@ def test_qlora_is_refused_before_any_work_where_bitsandbytes_fails_to_import(
     ), done.stderr
     assert "use --method lora" in done.stderr
     assert not out.exists()
+
+
+def test_an_evaluation_leaves_the_4bit_layers_on_their_trainable_path(
+    embedded_model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The mechanism itself: with bitsandbytes' probe saying AVX512-BF16, an eval-mode forward
+    without grad (what every evaluation is) would repack all 4-bit layers for the inference
+    kernel (without trainer.sft's fix: 210 of 210 here). The trainer's base stays unpacked."""
+    import bitsandbytes.nn.modules as bnb_modules
+    import torch
+    from bitsandbytes.nn import Linear4bit
+
+    from trainer.sft import _load_model
+
+    monkeypatch.setattr(bnb_modules, "has_avx512bf16", lambda: True)
+    model = _load_model(embedded_model_dir, "qlora", "float32")
+    layers = [m for m in model.modules() if isinstance(m, Linear4bit)]
+    assert len(layers) == 210
+    model.eval()
+    with torch.no_grad():
+        model(torch.tensor([[1, 2, 3, 4, 5, 6]]))
+    packed = [m for m in layers if getattr(m.weight.quant_state, "packing_format_for_cpu", False)]
+    assert not packed, f"{len(packed)} of {len(layers)} 4-bit layers were repacked"
