@@ -277,16 +277,18 @@ async def cancel_job(registry: RegistryDep, job_id: str) -> dict[str, Any]:
 
 @router.post("/fine_tuning/jobs/{job_id}/pause")
 async def pause_job(registry: RegistryDep, job_id: str) -> dict[str, Any]:
-    try:
-        return objects.job_object(FineTuningStore(registry.store).request_pause(job_id))
-    except FineTuningStateError as e:
-        raise InvalidRequestError(str(e), param="fine_tuning_job_id") from e
+    return _transition(FineTuningStore(registry.store).request_pause, job_id)
 
 
 @router.post("/fine_tuning/jobs/{job_id}/resume")
 async def resume_job(registry: RegistryDep, job_id: str) -> dict[str, Any]:
+    return _transition(FineTuningStore(registry.store).request_resume, job_id)
+
+
+def _transition(request: Any, job_id: str) -> dict[str, Any]:
+    """A pause or resume; a job in a state that cannot take it is a 400."""
     try:
-        return objects.job_object(FineTuningStore(registry.store).request_resume(job_id))
+        return objects.job_object(request(job_id))
     except FineTuningStateError as e:
         raise InvalidRequestError(str(e), param="fine_tuning_job_id") from e
 
