@@ -31,6 +31,12 @@ SCHEDULES = ("cosine", "linear", "constant")
 METHODS = ("lora", "qlora")
 QLORA_UNAVAILABLE = "QLoRA needs bitsandbytes for its 4-bit base"
 QUANTIZATION = {"library": "bitsandbytes", "bits": 4, "quant_type": "nf4", "double_quant": True}
+# TRL's SFTTrainer scores tokens through its chunked LM head (trl/kernels/chunked_logprob.py), made
+# for Triton GPUs: elsewhere it runs as torch ops tile by tile and recomputes the projection in
+# backward. On the CPU, at the batch sizes trained there, the model's own head (one matmul to full
+# logits) is faster and no larger (bench/README.md, train.py). Past this many logits per batch the
+# chunked head's bounded memory is worth its cost, so it is used again.
+PLAIN_HEAD_MAX_LOGITS = 1 << 27
 
 Progress = Callable[[dict[str, Any]], None]
 __all__ = [
@@ -415,7 +421,7 @@ def _build_trainer(
 
         model = PeftModel.from_pretrained(model, start.adapter_dir, is_trainable=True)
         peft_config = None
-    trainer = SFTTrainer(
+    trainer = _trainer_class(SFTTrainer)(
         model=model, args=config, train_dataset=train_set, eval_dataset=val_set,
         processing_class=tokenizer, peft_config=peft_config, callbacks=callbacks,
     )  # fmt: skip
@@ -428,6 +434,49 @@ def _build_trainer(
     config.eval_steps = settings.eval_every or per_epoch
     config.save_steps = settings.save_every or config.eval_steps
     return trainer
+
+
+def _trainer_class(base: type) -> type:
+    """SFTTrainer, computing the loss with the model's own LM head where `plain_head` says so."""
+    import torch
+
+    class Trainer(base):  # type: ignore[misc, valid-type]
+        def compute_loss(
+            self, model: Any, inputs: dict[str, Any], return_outputs: bool = False,
+            num_items_in_batch: Any = None,
+        ) -> Any:  # fmt: skip
+            vocab = self.model.get_output_embeddings().weight.shape[0]
+            if (
+                return_outputs
+                or self.aux_loss_enabled
+                or not plain_head(inputs["input_ids"], vocab)
+            ):
+                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            mode = "train" if self.model.training else "eval"
+            # The model's loss: labels shifted by one, IGNORE_INDEX skipped, summed over
+            # num_items_in_batch where given (gradient accumulation), as TRL's head computes it.
+            outputs = model(**inputs, use_cache=False, num_items_in_batch=num_items_in_batch)
+            with torch.no_grad():  # the token accuracy TRL logs, from the logits at hand
+                labels = inputs["labels"][:, 1:]
+                valid = labels != IGNORE_INDEX
+                correct = (outputs.logits[:, :-1].argmax(-1) == labels) & valid
+                count = int(valid.sum())
+                accuracy = int(correct.sum()) / count if count else 0.0
+            self._metrics[mode]["mean_token_accuracy"].append(accuracy)
+            if mode == "train":  # padding-free rows have no attention mask: every token counts
+                mask = inputs.get("attention_mask")
+                tokens = inputs["input_ids"].numel() if mask is None else int(mask.sum())
+                self._total_train_tokens += tokens // self._tp_size
+            self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
+            return outputs.loss
+
+    return Trainer
+
+
+def plain_head(input_ids: Any, vocab: int) -> bool:
+    """Whether this batch's loss is computed with the model's own LM head rather than TRL's
+    chunked one: on the CPU, while its logits stay under PLAIN_HEAD_MAX_LOGITS."""
+    return input_ids.device.type == "cpu" and input_ids.numel() * vocab <= PLAIN_HEAD_MAX_LOGITS
 
 
 def _cuda() -> bool:
