@@ -73,12 +73,12 @@ def default_actor() -> str:
         return "unknown"
 
 
-def parse_tags(values: list[str]) -> dict[str, str]:
+def parse_tags(values: list[str], *, flag: str = "--tag") -> dict[str, str]:
     tags: dict[str, str] = {}
     for value in values:
         key, sep, tag = value.partition("=")
         if not sep or not key.strip():
-            fail(f"--tag expects KEY=VALUE, got {value!r}")
+            fail(f"{flag} expects KEY=VALUE, got {value!r}")
         tags[key.strip()] = tag
     return tags
 

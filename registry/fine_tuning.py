@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import secrets
 from collections.abc import Mapping
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -26,6 +27,7 @@ from registry.tables import utc_now
 PENDING = ("validating_files", "queued")
 ACTIVE = (*PENDING, "running")
 FINISHED = ("succeeded", "failed", "cancelled")
+DROPPED = ("failed", "cancelled")  # their checkpoints are neither resumed nor served: gc takes them
 PAUSED = "paused"
 STALE_SECONDS = 120.0  # a worker beats every second or so while it trains
 
@@ -259,12 +261,35 @@ class FineTuningStore:
 
 FINE_TUNED_PREFIX = "ft:"
 ORGANIZATION = "loraplex"
+CHECKPOINT_MARK = ":ckpt-step-"  # ft:...:{id}:ckpt-step-{N}, OpenAI's checkpoint model id
+# An uploaded checkpoint blob holds the run record and this folder (the trainer's own layout);
+# the folder is a PEFT adapter (plus the optimizer's state), so the server can serve it as is.
+CHECKPOINT_FOLDER = "checkpoints/checkpoint-{step}"
+
+
+@dataclass(frozen=True, slots=True)
+class CheckpointRecord:
+    """A job's uploaded checkpoint as something to serve: `ref` is its checkpoint model id;
+    the adapter is the folder `adapter_path` inside the artifact blob `sha256`."""
+
+    ref: str
+    sha256: str
+    step: int
+    job_id: str
+
+    @property
+    def adapter_path(self) -> str:
+        return CHECKPOINT_FOLDER.format(step=self.step)
 
 
 def fine_tuned_model_id(job: JobRow) -> str:
     """The job's result as OpenAI names it, `ft:{base}:{organization}:{suffix}:{id}` (the
-    job id's last 8 characters); the server resolves it to the registered NAME@V."""
-    return f"{FINE_TUNED_PREFIX}{job.model}:{ORGANIZATION}:{job.suffix}:{job.id[-8:]}"
+    job id's last 8 characters; a job continuing a fine-tuned model names that model's base);
+    the server resolves it to the registered NAME@V."""
+    base = job.model
+    if base.startswith(FINE_TUNED_PREFIX):
+        base = base.removeprefix(FINE_TUNED_PREFIX).partition(":")[0]
+    return f"{FINE_TUNED_PREFIX}{base}:{ORGANIZATION}:{job.suffix}:{job.id[-8:]}"
 
 
 def resolve_fine_tuned(store: RegistryStore, model: str) -> str:
@@ -275,6 +300,41 @@ def resolve_fine_tuned(store: RegistryStore, model: str) -> str:
     if ref is None:
         raise FineTuningNotFoundError(f"No fine-tuned model {model!r}")
     return ref
+
+
+def checkpoint_model_id(job: JobRow, step: int) -> str:
+    """The id a checkpoint is called by, `ft:...:{id}:ckpt-step-{N}` as OpenAI names them."""
+    return f"{fine_tuned_model_id(job)}{CHECKPOINT_MARK}{step}"
+
+
+def is_checkpoint_model(model: str) -> bool:
+    head, mark, step = model.rpartition(CHECKPOINT_MARK)
+    return model.startswith(FINE_TUNED_PREFIX) and bool(head and mark) and step.isdigit()
+
+
+def resolve_checkpoint(store: RegistryStore, model: str) -> CheckpointRecord:
+    """The uploaded checkpoint a checkpoint model id names (of any job, running or done, whose
+    checkpoint blobs are kept); FineTuningNotFoundError when there is none."""
+    fine_tuned, _mark, step_text = model.rpartition(CHECKPOINT_MARK)
+    step, short = int(step_text), fine_tuned.rpartition(":")[2]
+    with store.read() as session:
+        jobs = session.exec(select(JobRow).where(JobRow.id.endswith(short, autoescape=True)))
+        job = next((j for j in jobs if fine_tuned_model_id(j) == fine_tuned), None)
+        row = None
+        if job is not None and job.status not in DROPPED:
+            query = (
+                select(CheckpointRow)
+                .where(
+                    CheckpointRow.job_seq == job.seq,
+                    CheckpointRow.step == step,
+                    CheckpointRow.blob_sha256.is_not(None),
+                )  # fmt: skip
+                .order_by(CheckpointRow.seq.desc())
+            )
+            row = session.exec(query).first()
+    if job is None or row is None:
+        raise FineTuningNotFoundError(f"No fine-tuned model checkpoint {model!r}")
+    return CheckpointRecord(ref=model, sha256=row.blob_sha256, step=step, job_id=job.id)
 
 
 def event_id(row: JobEventRow) -> str:

@@ -134,13 +134,14 @@ def sha256_in_use(session: Session, sha256: str) -> bool:
 
 def referenced_sha256s(session: Session) -> set[str]:
     """Blobs something still points at: adapter versions, fine-tuning files and the uploaded
-    checkpoints of jobs not finished (registry gc keeps them)."""
-    from registry.fine_tuning import FINISHED
+    checkpoints of jobs neither failed nor cancelled (resumable, and callable by their
+    checkpoint model ids; registry gc keeps them)."""
+    from registry.fine_tuning import DROPPED
     from registry.fine_tuning_tables import CheckpointRow, FileRow, JobRow
 
     versions = set(session.exec(select(VersionRow.sha256).distinct()).all())
     live = select(CheckpointRow.blob_sha256).join(JobRow, JobRow.seq == CheckpointRow.job_seq)
-    live = live.where(JobRow.status.not_in(FINISHED), CheckpointRow.blob_sha256.is_not(None))
+    live = live.where(JobRow.status.not_in(DROPPED), CheckpointRow.blob_sha256.is_not(None))
     files = set(session.exec(select(FileRow.blob_sha256).distinct()).all())
     return versions | files | set(session.exec(live.distinct()).all())
 

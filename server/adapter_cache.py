@@ -20,6 +20,7 @@ from pathlib import Path
 
 from registry.artifacts import ArtifactStore
 from registry.errors import ArtifactError
+from registry.fine_tuning import CheckpointRecord
 from registry.records import VersionRecord
 from server.errors import AdapterUnavailableError
 from server.metrics import ServerMetrics
@@ -31,6 +32,11 @@ _TRASH_PREFIX = ".evicted-"  # renamed here under the lock, deleted outside it
 
 def _folder_bytes(folder: Path) -> int:
     return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+
+
+# What can be served: a registry version, or a fine-tuning job's uploaded checkpoint (its adapter
+# is a folder inside the blob). Both have a `ref` (the serving identity) and a `sha256` (the blob).
+Servable = VersionRecord | CheckpointRecord
 
 
 class AdapterDiskCache:
@@ -60,7 +66,7 @@ class AdapterDiskCache:
     def contains(self, sha256: str) -> bool:
         return sha256 in self._sizes
 
-    def acquire(self, version: VersionRecord) -> Path:
+    def acquire(self, version: Servable) -> Path:
         """The local folder of `version`, downloaded if needed, pinned: pair with `unpin`.
         Raises `AdapterUnavailableError` when it is not here and the artifact store cannot
         provide it (nothing is pinned then)."""

@@ -22,9 +22,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from registry.base_model import BaseModel
-from registry.records import VersionRecord
+from registry.fine_tuning import CheckpointRecord
 from registry.validation import validate_adapter_dir
-from server.adapter_cache import AdapterDiskCache
+from server.adapter_cache import AdapterDiskCache, Servable
 from server.engine import AdapterHandle, Engine
 from server.errors import AdapterLoadError, OverloadedError
 from server.metrics import ServerMetrics
@@ -70,7 +70,7 @@ class AdapterLoader:
     def is_loaded(self, ref: str) -> bool:
         return ref in self._loaded
 
-    async def acquire(self, version: VersionRecord) -> AdapterHandle:
+    async def acquire(self, version: Servable) -> AdapterHandle:
         """Load `version` if needed and lease it; pair with `release`."""
         entry = self._loaded.get(version.ref) or await self._load(version)
         # No await since `_load` returned, so nothing can have unloaded it in between.
@@ -86,12 +86,12 @@ class AdapterLoader:
             self._metrics.adapter_leases.dec()
             self._released.set()
 
-    async def warm(self, version: VersionRecord) -> None:
+    async def warm(self, version: Servable) -> None:
         """Download and load without leasing: done before traffic is routed to a version."""
         if version.ref not in self._loaded:
             await self._load(version)
 
-    async def _load(self, version: VersionRecord) -> _Loaded:
+    async def _load(self, version: Servable) -> _Loaded:
         lock = self._locks.setdefault(version.ref, asyncio.Lock())
         async with lock:
             if version.ref in self._loaded:  # loaded while we waited
@@ -114,7 +114,7 @@ class AdapterLoader:
             log.info("loaded %s as engine id %d", version.ref, engine_id)
             return entry
 
-    async def _fetch(self, version: VersionRecord) -> Path:
+    async def _fetch(self, version: Servable) -> Path:
         """The version's folder, pinned in the disk cache and checked; a caller cancelled while
         the worker thread runs still gets its pin undone."""
         fetch = asyncio.ensure_future(asyncio.to_thread(self._fetch_checked, version))
@@ -128,8 +128,10 @@ class AdapterLoader:
         if not fetch.cancelled() and fetch.exception() is None:
             self._cache.unpin(sha256)
 
-    def _fetch_checked(self, version: VersionRecord) -> Path:
+    def _fetch_checked(self, version: Servable) -> Path:
         folder = self._cache.acquire(version)
+        if isinstance(version, CheckpointRecord):
+            folder = folder / version.adapter_path
         # The registry validated these files at register time against its own rank limit;
         # this engine's limit may be lower.
         report = validate_adapter_dir(folder, max_rank=self._max_rank, base=self._base)

@@ -25,7 +25,7 @@ from server.http_errors import install_error_handlers
 from server.lifecycle import Lifecycle
 from server.metrics import ServerMetrics
 from server.openai_service import CompletionService
-from server.request_limits import DEFAULT_MAX_REQUEST_BYTES, RequestLimits
+from server.request_limits import DEFAULT_MAX_REQUEST_BYTES, UPLOAD_OVERHEAD_BYTES, RequestLimits
 from server.state import AppState
 from server.targets import ModelResolver
 
@@ -85,7 +85,10 @@ def create_app(
     app.state.loraplex_admin_key = admin_key
     app.state.loraplex_fine_tuning = fine_tuning
     install_error_handlers(app)
-    app.add_middleware(RequestLimits, max_body_bytes=max_request_bytes)
+    upload = fine_tuning.fine_tuning_max_file_bytes + UPLOAD_OVERHEAD_BYTES  # checked exactly later
+    app.add_middleware(
+        RequestLimits, max_body_bytes=max_request_bytes, upload_bytes={"/v1/files": upload}
+    )
     app.include_router(router)
     app.include_router(admin_router)
     app.include_router(ab_router)

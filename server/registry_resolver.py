@@ -10,7 +10,9 @@ the alias's traffic: the alias keeps its previous target here, the failure is co
 is retried with backoff. Requests already running keep the version they resolved. If the
 database is unreachable the last table keeps serving, and what needs the database answers 503
 saying so (never a false 404). Names found missing are remembered for a second. Base-model and
-local-folder names are delegated to `LocalAdapters`.
+local-folder names are delegated to `LocalAdapters`. A fine-tuning job's `ft:` model id is its
+registered NAME@V; its checkpoints' ids (`ft:...:ckpt-step-N`) are served from their uploaded
+blobs, which hold each one's adapter.
 """
 
 from __future__ import annotations
@@ -30,7 +32,12 @@ from registry.errors import (
     RegistryError,
     RegistryUnavailableError,
 )
-from registry.fine_tuning import FINE_TUNED_PREFIX, resolve_fine_tuned
+from registry.fine_tuning import (
+    FINE_TUNED_PREFIX,
+    is_checkpoint_model,
+    resolve_checkpoint,
+    resolve_fine_tuned,
+)
 from registry.records import RoutingSnapshot, VersionRecord
 from registry.refs import DEFAULT_ALIAS, AdapterRef, parse_ref
 from registry.store import RegistryStore
@@ -274,6 +281,13 @@ class RegistryResolver:
     async def resolve(self, model: str, *, user: str | None = None) -> Target:
         if model in self._local.model_names():
             return await self._local.resolve(model)
+        if is_checkpoint_model(model):  # a fine-tuning job's checkpoint, served from its blob
+            try:
+                checkpoint = await asyncio.to_thread(resolve_checkpoint, self._store, model)
+            except NotFoundError as e:
+                raise ModelNotFoundError(f"{e}. {self._available()}") from e
+            handle = await self._loader.acquire(checkpoint)
+            return Target(served_as=checkpoint.ref, adapter=handle, release=self._releaser(handle))
         if model.startswith(FINE_TUNED_PREFIX):  # a fine-tuning job's result: its NAME@V
             try:
                 model = await asyncio.to_thread(resolve_fine_tuned, self._store, model)

@@ -3,7 +3,10 @@ the size of an inference request's body (everything under /v1/), chunked bodies 
 
 A plain ASGI middleware. It reads an inference body up to the limit before the app sees it (the
 routes parse the whole JSON body anyway) and replays it, so an oversized body is refused with 413
-in OpenAI's error shape and never buffered beyond the limit. /admin/ uploads keep their own cap.
+in OpenAI's error shape and never buffered beyond the limit. Upload routes (`POST /v1/files`) get
+their own, larger limit and are not buffered here: their body streams through, counted, and the
+read that passes the limit raises a 413 (a declared content-length over it is refused at once).
+/admin/ uploads keep their own cap.
 """
 
 from __future__ import annotations
@@ -11,6 +14,8 @@ from __future__ import annotations
 import json
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
+
+from starlette.exceptions import HTTPException
 
 from server.errors import (
     HeadersTooLargeError,
@@ -34,12 +39,18 @@ MAX_HEADER_VALUE_BYTES = 8 * 1024
 # sending, gets to read the 413 instead of a connection reset; beyond it the connection is closed.
 _DRAIN_BYTES = 64 * 1024**2
 _LIMITED_PREFIX = "/v1/"
+UPLOAD_OVERHEAD_BYTES = 64 * 1024  # a multipart body's boundaries, part headers and form fields
 
 
 class RequestLimits:
-    def __init__(self, app: ASGIApp, *, max_body_bytes: int = DEFAULT_MAX_REQUEST_BYTES):
+    def __init__(
+        self, app: ASGIApp, *, max_body_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
+        upload_bytes: dict[str, int] | None = None,
+    ) -> None:  # fmt: skip
+        """`upload_bytes`: path -> the largest body a POST there may have, streamed through."""
         self.app = app
         self.max_body_bytes = max_body_bytes
+        self.upload_bytes = dict(upload_bytes or {})
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -47,8 +58,16 @@ class RequestLimits:
             return
         try:
             declared = _checked_headers(scope.get("headers", ()))
-            if not scope.get("path", "").startswith(_LIMITED_PREFIX):
+            path = scope.get("path", "")
+            if not path.startswith(_LIMITED_PREFIX):
                 await self.app(scope, receive, send)
+                return
+            upload = self.upload_bytes.get(path) if scope.get("method") == "POST" else None
+            if upload is not None:
+                if declared is not None and declared > upload:
+                    await _drain(receive, 0)
+                    raise _too_large(upload)
+                await self.app(scope, _counted(receive, upload), send)
                 return
             body = await self._read_body(receive, declared)
         except LoraplexError as e:
@@ -114,6 +133,31 @@ async def _drain(receive: Receive, already: int) -> None:
         size += len(message.get("body", b""))
         if message["type"] == "http.disconnect" or not message.get("more_body", False):
             return
+
+
+class UploadTooLarge(HTTPException):
+    """Raised by the counted receive of an upload: the framework answers it as a 413 in OpenAI's
+    error shape (an HTTPException is the one kind it passes on from reading a form)."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(413, str(_too_large(limit)))
+
+
+def _counted(receive: Receive, limit: int) -> Receive:
+    size = 0
+
+    async def counted() -> Message:
+        nonlocal size
+        message = await receive()
+        if message["type"] == "http.request":
+            size += len(message.get("body", b""))
+            if size > limit:
+                if message.get("more_body", False):
+                    await _drain(receive, size)
+                raise UploadTooLarge(limit)
+        return message
+
+    return counted
 
 
 def _replay(body: bytes, receive: Receive) -> Receive:

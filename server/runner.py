@@ -137,7 +137,7 @@ def run_server(settings: ServeSettings, *, model_dir: Path, console: Console) ->
     app = create_app(
         engine=engine, resolver=resolver, metrics=metrics, api_keys=settings.api_keys,
         registry=registry, admin_key=settings.admin_key, max_request_bytes=settings.max_request_bytes,
-        on_ready=on_ready,
+        fine_tuning=settings, on_ready=on_ready,
         on_startup_error=lambda reason: stop(ServeError(f"startup failed: {reason}")),
         on_engine_dead=lambda reason: stop(
             EngineStoppedError(f"{reason} Exiting, so that a supervisor can restart loraplex.")

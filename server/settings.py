@@ -9,14 +9,15 @@ from typing import Literal
 
 from pydantic import Field
 
-from registry.settings import RegistrySettings
+from server.fine_tuning.settings import FineTuningSettings
 from server.request_limits import DEFAULT_MAX_REQUEST_BYTES
 
 
-class ServeSettings(RegistrySettings):
-    """The server's settings extend the registry's (data dir, database, artifacts, rank limit):
-    one root, read from the environment once, so the registry a server opens is configured by
-    exactly the values the server was started with."""
+class ServeSettings(FineTuningSettings):
+    """The server's settings extend the fine-tuning API's, which extend the registry's (data dir,
+    database, artifacts, rank limit): one root, read from the environment once, so the registry
+    a server opens and its in-process fine-tuning worker are configured by exactly the values
+    the server was started with."""
 
     model: Path | None = Field(default=None, description="local HF model folder; default: embedded")
     served_name: str = "smollm2"

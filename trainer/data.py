@@ -1,9 +1,10 @@
 """Training data: read chat and preference JSONL, report every problem at once, split it.
 
-Owns the row formats (OpenAI chat fine-tuning rows, prompt/completion rows, preference rows), the
-checks a file passes before training (structure, roles, weights, duplicates, overlap with a
-validation file, length after the model's chat template) and a deterministic train/validation
-split. It trains nothing; transformers is imported only when a length check runs.
+Owns the row formats (OpenAI chat fine-tuning rows, prompt/completion rows, preference rows as
+prompt/chosen/rejected or as OpenAI's DPO rows), the checks a file passes before training
+(structure, roles, weights, duplicates, overlap with a validation file, length after the model's
+chat template) and a deterministic train/validation split. It trains nothing; transformers is
+imported only when a length check runs.
 """
 
 from __future__ import annotations
@@ -19,8 +20,12 @@ from typing import Any
 ROLES = ("system", "user", "assistant")
 KINDS = ("chat", "preference")
 # Row format -> the dataset kind it belongs to (prompt/completion rows become chat examples).
-FORMATS = {"chat": "chat", "prompt/completion": "chat", "preference": "preference"}
+FORMATS = {"chat": "chat", "prompt/completion": "chat", "preference": "preference",
+           "preference (OpenAI)": "preference"}  # fmt: skip
 PREFERENCE_FIELDS = ("prompt", "chosen", "rejected")
+# OpenAI's DPO rows: {"input": {"messages": [...]}, "preferred_output": [{"role": "assistant",
+# ...}], "non_preferred_output": [...]}, as its fine-tuning API takes them.
+OPENAI_PREFERENCE_FIELDS = ("input", "preferred_output", "non_preferred_output")
 
 
 @dataclass(frozen=True, slots=True)
@@ -172,7 +177,9 @@ def _parse_row(line: int, text: str) -> tuple[str | None, Example | None, list[s
         return None, None, [f"not a JSON object (got {_json_type(row)})"]
     problems: list[str] = []
     example: Example
-    if "chosen" in row or "rejected" in row:
+    if any(key in row for key in OPENAI_PREFERENCE_FIELDS):
+        fmt, example = "preference (OpenAI)", _openai_preference_row(line, row, problems)
+    elif "chosen" in row or "rejected" in row:
         fmt, example = "preference", _preference_row(line, row, problems)
     elif "messages" in row:
         fmt = "chat"
@@ -184,7 +191,10 @@ def _parse_row(line: int, text: str) -> tuple[str | None, Example | None, list[s
         example = ChatExample(line, (Message("user", prompt), Message("assistant", completion)))
     else:
         keys = ", ".join(sorted(row)) or "none"
-        expected = "'messages'; 'prompt' and 'completion'; or 'prompt', 'chosen' and 'rejected'"
+        expected = (
+            "'messages'; 'prompt' and 'completion'; 'prompt', 'chosen' and 'rejected'; or "
+            "'input', 'preferred_output' and 'non_preferred_output'"
+        )
         return None, None, [f"unknown row format: expected {expected} (keys: {keys})"]
     return fmt, (None if problems else example), problems
 
@@ -271,6 +281,32 @@ def _preference_row(line: int, row: dict[str, Any], problems: list[str]) -> Pref
     if sides["chosen"] and _normal(sides["chosen"]) == _normal(sides["rejected"]):
         problems.append("chosen and rejected are identical")
     return PreferenceExample(line, sides["prompt"], sides["chosen"], sides["rejected"])
+
+
+def _openai_preference_row(
+    line: int, row: dict[str, Any], problems: list[str]
+) -> PreferenceExample:
+    missing = [f"'{key}'" for key in OPENAI_PREFERENCE_FIELDS if key not in row]
+    if missing:
+        problems.append(f"preference row missing {', '.join(missing)}")
+    given, prompt = row.get("input"), ()
+    if "input" not in row:
+        pass
+    elif not isinstance(given, dict) or "messages" not in given:
+        problems.append("'input' must be an object with 'messages'")
+    else:
+        prompt = _messages(given["messages"], "input", problems)
+        if prompt and prompt[-1].role == "assistant":
+            problems.append("the last input message is assistant; the outputs answer it")
+        if given.get("tools"):
+            problems.append("'input.tools' is not supported: tool calls are not trained")
+    chosen, rejected = (
+        _messages(row[key], key, problems, only="assistant") if key in row else ()
+        for key in OPENAI_PREFERENCE_FIELDS[1:]
+    )
+    if chosen and _normal(chosen) == _normal(rejected):
+        problems.append("preferred_output and non_preferred_output are identical")
+    return PreferenceExample(line, prompt, chosen, rejected)
 
 
 def _normal(messages: Iterable[Message]) -> list[list[str]]:

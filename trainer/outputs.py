@@ -138,16 +138,18 @@ def summarize(
     datasets: Mapping[str, Mapping[str, Any]],
 ) -> dict[str, Any]:
     """metrics.json's content from the trainer's state (its log spans a resumed run's parts)."""
+    # Token accuracy: SFT's share of trained tokens predicted right (greedy); DPO logs none.
     train = [
         {"step": e["step"], "epoch": e.get("epoch"), "loss": e["loss"],
-         "learning_rate": e.get("learning_rate")}
+         "learning_rate": e.get("learning_rate"), "accuracy": e.get("mean_token_accuracy")}
         for e in state.log_history if "loss" in e and "step" in e
     ]  # fmt: skip
     evals = [
-        {"step": e["step"], "epoch": e.get("epoch"), "loss": e["eval_loss"]}
+        {"step": e["step"], "epoch": e.get("epoch"), "loss": e["eval_loss"],
+         "accuracy": e.get("eval_mean_token_accuracy")}
         for e in state.log_history
         if "eval_loss" in e
-    ]
+    ]  # fmt: skip
     tokens = int(state.num_input_tokens_seen or 0)
     final_eval = evals[-1] if evals and evals[-1]["step"] == state.global_step else None
     return {

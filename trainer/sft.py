@@ -568,12 +568,14 @@ class _ProgressCallback:
                 event = {"step": state.global_step, "max_steps": state.max_steps,
                          "epoch": state.epoch}  # fmt: skip
                 if "eval_loss" in logs:
-                    report(event | {"event": "eval", "eval_loss": logs["eval_loss"]})
+                    report(event | {"event": "eval", "eval_loss": logs["eval_loss"]}
+                           | _accuracy(logs, "eval_accuracy", _EVAL_ACCURACY))  # fmt: skip
                 elif "loss" in logs:
                     rewards = {key.removeprefix(_REWARDS): value for key, value in logs.items()
                                if key.startswith(_REWARDS)}  # fmt: skip
                     report(event | {"event": "train", "loss": logs["loss"],
                                     "learning_rate": logs.get("learning_rate")}
+                           | _accuracy(logs, "accuracy", _ACCURACY)
                            | ({"rewards": rewards} if rewards else {}))  # fmt: skip
 
             def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
@@ -585,3 +587,9 @@ class _ProgressCallback:
 
 
 _REWARDS = "rewards/"  # DPOTrainer's logged reward metrics: rewards/chosen, .../margins, ...
+# SFTTrainer's logged share of trained tokens predicted right (greedy), in training and in eval.
+_ACCURACY, _EVAL_ACCURACY = "mean_token_accuracy", "eval_mean_token_accuracy"
+
+
+def _accuracy(logs: dict[str, Any], key: str, logged: str) -> dict[str, Any]:
+    return {key: logs[logged]} if logs.get(logged) is not None else {}

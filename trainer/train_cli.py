@@ -132,6 +132,14 @@ def train(
         bool, typer.Option("--force", help="register even if the serving gate fails (recorded)")
     ] = False,
     tag: Annotated[list[str] | None, typer.Option("--tag", help="KEY=VALUE (repeatable)")] = None,
+    source: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--source",
+            help="KEY=VALUE: where the run came from (a job, file ids; repeatable), recorded "
+            "in the manifest's `source` and so in the version's lineage",
+        ),
+    ] = None,
     registry: RegistryOpt = None,
     artifacts: ArtifactsOpt = None,
     home: HomeOpt = None,
@@ -168,6 +176,7 @@ def train(
     except (ValueError, TrainingError) as e:
         fail(str(e))
     tags = parse_tags(tag or [])
+    sources = parse_tags(source or [], flag="--source")
     who = actor or default_actor()
     model_dir = (model or reg_settings.base_model_folder()).expanduser()
     if not (model_dir / "config.json").is_file():
@@ -187,6 +196,9 @@ def train(
     log = _EventLog(events)
     result = _run(model_dir, data, val, out_dir, settings, resume=resume, base=base,
                   start=starting, events=log)  # fmt: skip
+    if sources:
+        result.manifest["source"] = sources
+        result.manifest_path.write_text(json.dumps(result.manifest, indent=2) + "\n")
     if gate if gate is not None else register:
         verdict = _serving_gate(result, model_dir, data=data, val=val, settings=settings,
                                 forced=force)  # fmt: skip

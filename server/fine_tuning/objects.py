@@ -4,7 +4,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from registry.fine_tuning import ORGANIZATION, checkpoint_id, event_id, fine_tuned_model_id, unix
+from registry.fine_tuning import (
+    ORGANIZATION,
+    checkpoint_id,
+    checkpoint_model_id,
+    event_id,
+    unix,
+)
 from registry.fine_tuning_tables import CheckpointRow, FileRow, JobEventRow, JobRow
 
 
@@ -47,7 +53,7 @@ def checkpoint_object(row: CheckpointRow, job: JobRow) -> dict[str, Any]:
     return {
         "id": checkpoint_id(row), "object": "fine_tuning.job.checkpoint",
         "created_at": unix(row.created_at), "fine_tuning_job_id": job.id,
-        "fine_tuned_model_checkpoint": f"{fine_tuned_model_id(job)}:ckpt-step-{row.step}",
+        "fine_tuned_model_checkpoint": checkpoint_model_id(job, row.step),
         "metrics": row.metrics, "step_number": row.step,
     }  # fmt: skip
 

@@ -149,10 +149,16 @@ class Worker:
             "--actor", f"fine-tuning:{job.id}", "--tag", f"fine_tuning_job={job.id}",
             "--tag", f"training_file={job.training_file}", "--json",
         ]  # fmt: skip
+        source = {"fine_tuning_job": job.id, "model": job.model}
         for param in ("training_file", "validation_file"):
             file_id = getattr(job, param)
             if file_id is not None:
-                command += ["--tag", f"{param}_sha256={self.jobs.get_file(file_id).sha256}"]
+                source |= {param: file_id, f"{param}_sha256": self.jobs.get_file(file_id).sha256}
+                command += ["--tag", f"{param}_sha256={source[f'{param}_sha256']}"]
+        if "--source" in _train_flags():  # the job and its files, in the version's lineage
+            command += [
+                arg for key, value in source.items() for arg in ("--source", f"{key}={value}")
+            ]
         if val is not None:
             command += ["--val", str(val), "--tag", f"validation_file={job.validation_file}"]
         if kind == "dpo":
@@ -236,15 +242,17 @@ class Worker:
 
 
 def results_csv(metrics: dict[str, Any]) -> bytes:
-    """The result file as OpenAI shapes it: one row a logged step; the validation loss at the
-    steps evaluated; accuracies empty (the trainer does not log them)."""
-    valid = {e["step"]: e["loss"] for e in metrics.get("eval_loss", [])}
+    """The result file as OpenAI shapes it: one row a logged step; the validation figures at
+    the steps evaluated; token accuracies where the training logs them (SFT, not DPO)."""
+    valid = {e["step"]: e for e in metrics.get("eval_loss", [])}
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
     writer.writerow(RESULT_COLUMNS)
     for entry in metrics.get("train_loss", []):
-        step = entry["step"]
-        writer.writerow([step, entry["loss"], "", valid.get(step, ""), ""])
+        evaluated = valid.get(entry["step"], {})
+        row = (entry["step"], entry["loss"], entry.get("accuracy"), evaluated.get("loss"),
+               evaluated.get("accuracy"))  # fmt: skip
+        writer.writerow(["" if value is None else value for value in row])
     return out.getvalue().encode()
 
 
@@ -323,12 +331,16 @@ class _Progress:
             self._flush()
             self.pending = {"step": step, "train_loss": event["loss"], "total_steps": total,
                             "epoch": event.get("epoch"),
-                            "learning_rate": event.get("learning_rate")}  # fmt: skip
+                            "learning_rate": event.get("learning_rate"),
+                            "train_mean_token_accuracy": event.get("accuracy")}  # fmt: skip
             return
         if kind == "eval" and "eval_loss" in event:
             if self.pending is not None and self.pending["step"] == step:
+                accuracy = event.get("eval_accuracy")
                 self.pending |= {"valid_loss": event["eval_loss"],
-                                 "full_valid_loss": event["eval_loss"]}  # fmt: skip
+                                 "full_valid_loss": event["eval_loss"],
+                                 "valid_mean_token_accuracy": accuracy,
+                                 "full_valid_mean_token_accuracy": accuracy}  # fmt: skip
             return
         self._flush()
         if kind == "start":
@@ -401,10 +413,18 @@ class _Progress:
     def _checkpoint_metrics(state: dict[str, Any], step: int) -> dict[str, Any]:
         metrics: dict[str, Any] = {"step": step}
         for entry in state.get("log_history", []):
-            if entry.get("step") == step and "loss" in entry:
+            if entry.get("step") != step:
+                continue
+            if "loss" in entry:
                 metrics["train_loss"] = entry["loss"]
-            if entry.get("step") == step and "eval_loss" in entry:
+                if entry.get("mean_token_accuracy") is not None:
+                    metrics["train_mean_token_accuracy"] = entry["mean_token_accuracy"]
+            if "eval_loss" in entry:
                 metrics["valid_loss"] = metrics["full_valid_loss"] = entry["eval_loss"]
+                if entry.get("eval_mean_token_accuracy") is not None:
+                    accuracy = entry["eval_mean_token_accuracy"]
+                    metrics["valid_mean_token_accuracy"] = accuracy
+                    metrics["full_valid_mean_token_accuracy"] = accuracy
         return metrics
 
 

@@ -124,6 +124,13 @@ def test_the_result_file_and_the_versions_lineage_name_the_job_and_its_files(
     assert [int(r["step"]) for r in rows] == list(range(1, 25))
     assert all(float(r["train_loss"]) > 0 for r in rows)
     assert [int(r["step"]) for r in rows if r["valid_loss"]] == list(range(4, 25, 4))
+    assert all(0 <= float(r["train_accuracy"]) <= 1 for r in rows)  # SFT logs token accuracy
+    evaluated = [r for r in rows if r["valid_mean_token_accuracy"]]
+    assert [r["step"] for r in evaluated] == [r["step"] for r in rows if r["valid_loss"]]
+    # The trained behaviour is learned: the last evaluation predicts more tokens right.
+    assert float(evaluated[-1]["valid_mean_token_accuracy"]) > float(
+        evaluated[0]["valid_mean_token_accuracy"]
+    )
     assert result_id in {f.id for f in ft.files.list(purpose="fine-tune-results")}
     version = real_server.registry.store.get_version(NAME, 1)
     train, val = finished["train"], finished["val"]
@@ -133,6 +140,11 @@ def test_the_result_file_and_the_versions_lineage_name_the_job_and_its_files(
     assert version.tags["training_file_sha256"] == shas[train.id]
     assert version.tags["validation_file_sha256"] == shas[val.id]
     assert version.lineage["datasets"]["train"]["sha256"] == shas[train.id]
+    assert version.lineage["source"] == {
+        "fine_tuning_job": job.id, "model": "smollm2",
+        "training_file": train.id, "training_file_sha256": shas[train.id],
+        "validation_file": val.id, "validation_file_sha256": shas[val.id],
+    }  # fmt: skip
 
 
 def test_events_carry_step_metrics_and_checkpoints_are_listed(
@@ -153,6 +165,78 @@ def test_events_carry_step_metrics_and_checkpoints_are_listed(
                for c in checkpoints)  # fmt: skip
     assert {c.step_number for c in checkpoints} <= set(range(4, 25, 4))
     assert any(c.metrics.valid_loss is not None for c in checkpoints)
+    assert all(0 <= c.metrics.train_mean_token_accuracy <= 1 for c in checkpoints)
+    assert all(e.data["train_mean_token_accuracy"] > 0 for e in metrics)
+    assert {e.data["step"] for e in metrics if "valid_mean_token_accuracy" in e.data} == set(
+        range(4, 25, 4)
+    )
+
+
+def test_checkpoints_are_callable_by_their_checkpoint_ids(
+    ft: openai.OpenAI, finished: dict
+) -> None:
+    job = finished["job"]
+    checkpoints = sorted(ft.fine_tuning.jobs.checkpoints.list(job.id).data,
+                         key=lambda c: c.step_number)  # fmt: skip
+    newest, earliest = checkpoints[-1], checkpoints[0]
+    assert newest.step_number == 24
+    answers = []
+    for prompt in HELD_OUT_PROMPTS[:4]:
+        reply = ft.chat.completions.create(
+            model=newest.fine_tuned_model_checkpoint, max_tokens=32, temperature=0,
+            messages=[{"role": "user", "content": prompt}],
+        )  # fmt: skip
+        assert reply.model == newest.fine_tuned_model_checkpoint  # served as itself
+        answers.append(reply.choices[0].message.content)
+    assert sum(map(is_upper_case, answers)) >= 3, answers  # the trained behaviour, at step 24
+    early = ft.chat.completions.create(
+        model=earliest.fine_tuned_model_checkpoint, max_tokens=8,
+        messages=[{"role": "user", "content": HELD_OUT_PROMPTS[0]}],
+    )  # fmt: skip
+    assert early.model == earliest.fine_tuned_model_checkpoint and early.choices[0].message
+    with pytest.raises(openai.NotFoundError, match="checkpoint"):
+        ft.chat.completions.create(
+            model=f"{job.fine_tuned_model}:ckpt-step-9999", max_tokens=4,
+            messages=[{"role": "user", "content": "hi"}],
+        )  # fmt: skip
+
+
+def test_a_dpo_job_on_openai_rows_continues_the_fine_tuned_model(
+    ft: openai.OpenAI, finished: dict, real_server: ServerThread
+) -> None:
+    parent = finished["job"]
+    pairs = [{"input": {"messages": [{"role": "user", "content": q}]},
+              "preferred_output": [{"role": "assistant", "content": a.upper()}],
+              "non_preferred_output": [{"role": "assistant", "content": a}]}
+             for q, a in TRAINING_PAIRS[:8]]  # fmt: skip
+    prefs = ft.files.create(
+        file=("prefs.jsonl", "".join(json.dumps(p) + "\n" for p in pairs).encode()),
+        purpose="fine-tune",
+    )  # fmt: skip
+    assert prefs.status == "processed", prefs.status_details
+    job = ft.fine_tuning.jobs.create(
+        model=parent.fine_tuned_model, training_file=prefs.id, suffix=NAME, seed=3,
+        method={"type": "dpo", "dpo": {"hyperparameters": {"beta": 0.1, "n_epochs": 1,
+                                                            "batch_size": 8}}},
+    )  # fmt: skip
+    done = wait_status(ft, job.id, {"succeeded", "failed", "cancelled"})
+    assert done.status == "succeeded", done.error
+    assert (done.model, done.method.type) == (parent.fine_tuned_model, "dpo")
+    assert done.fine_tuned_model == f"ft:smollm2:loraplex:{NAME}:{job.id[-8:]}"
+    version = real_server.registry.store.get_version(NAME, 2)  # the next version of the name
+    assert version.lineage["from"]["ref"] == f"{NAME}@1"
+    assert version.lineage["method"] == "dpo"
+    assert version.tags["fine_tuning_job"] == job.id
+    answers = []
+    for prompt in HELD_OUT_PROMPTS[:4]:
+        reply = ft.chat.completions.create(
+            model=done.fine_tuned_model, messages=[{"role": "user", "content": prompt}],
+            max_tokens=32, temperature=0,
+        )  # fmt: skip
+        assert reply.model == f"{NAME}@2"
+        answers.append(reply.choices[0].message.content)
+    # One DPO step at its small learning rate keeps what shouty@1 learned: it was the start.
+    assert sum(map(is_upper_case, answers)) >= 3, answers
 
 
 def test_every_object_matches_openai_schemas(ft: openai.OpenAI, finished: dict) -> None:

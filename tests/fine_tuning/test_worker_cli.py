@@ -39,3 +39,24 @@ def test_worker_once_fails_a_job_on_an_invalid_file(
     assert failed.error["code"] == "invalid_training_file"
     assert "line 2" in failed.error["message"]
     assert failed.worker is not None and failed.finished_at is not None
+
+
+def test_the_servers_settings_configure_its_in_process_worker(
+    tmp_path: Path, monkeypatch, embedded_model_dir: Path
+) -> None:
+    """`loraplex serve`'s settings are the fine-tuning settings too: its --home and the
+    LORAPLEX_FINE_TUNING_* variables reach the worker it runs."""
+    from server.fine_tuning.worker import in_process_worker
+    from server.settings import ServeSettings
+
+    monkeypatch.setenv("LORAPLEX_FINE_TUNING_POLL_SECONDS", "7.5")
+    monkeypatch.setenv("LORAPLEX_FINE_TUNING_GATE", "false")
+    settings = ServeSettings(home=tmp_path, base_model_dir=embedded_model_dir)
+    with Registry.open(settings) as registry:
+        worker = in_process_worker(registry, settings)
+        assert worker is not None
+        assert (worker.poll_seconds, worker.gate) == (7.5, False)
+        assert worker.runs_dir.is_relative_to(tmp_path)
+    monkeypatch.setenv("LORAPLEX_FINE_TUNING_WORKER", "false")
+    with Registry.open(ServeSettings(home=tmp_path)) as registry:
+        assert in_process_worker(registry, ServeSettings(home=tmp_path)) is None

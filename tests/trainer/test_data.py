@@ -134,6 +134,52 @@ def test_every_preference_problem_is_reported(tmp_path: Path) -> None:
     )
 
 
+def test_openai_dpo_rows_are_preference_examples_and_every_problem_is_reported(
+    tmp_path: Path,
+) -> None:
+    def row(messages, preferred, non_preferred, **extra):
+        return {"input": {"messages": messages, **extra},
+                "preferred_output": [{"role": "assistant", "content": preferred}],
+                "non_preferred_output": [{"role": "assistant", "content": non_preferred}]}  # fmt: skip
+
+    system = {"role": "system", "content": "Be brief."}
+    user = {"role": "user", "content": "Hi?"}
+    path = write(
+        tmp_path / "dpo.jsonl",
+        [
+            row([system, user], "HELLO", "hello", tools=[], parallel_tool_calls=True),  # 1
+            {
+                "input": {"messages": [user]},
+                "preferred_output": [{"role": "assistant", "content": "a"}],
+            },  # 2
+            row([user, {"role": "assistant", "content": "a"}], "b", "c"),  # 3
+            row([user], "same  answer", "same answer"),  # 4
+            {"input": "Hi?", "preferred_output": [], "non_preferred_output": [user]},  # 5
+            row([user], "x", "y", tools=[{"type": "function"}]),  # 6
+            {"prompt": "p", "chosen": "a", "rejected": "b"},  # 7
+        ],
+    )
+    dataset = read_dataset(path)
+    assert dataset.kind == "preference"
+    assert_reported(
+        dataset.problems,
+        [
+            (2, "preference row missing 'non_preferred_output'"),
+            (3, "the last input message is assistant"),
+            (4, "preferred_output and non_preferred_output are identical"),
+            (5, "'input' must be an object with 'messages'"),
+            (5, "'preferred_output' must be a non-empty list of messages"),
+            (5, "non_preferred_output message 1: role must be assistant, got user"),
+            (6, "'input.tools' is not supported"),
+            (7, "mixed formats: a preference row, but line 1 is a preference (OpenAI) row"),
+        ],
+    )
+    [first] = dataset.examples
+    assert [(m.role, m.content) for m in first.prompt] == [("system", "Be brief."), ("user", "Hi?")]
+    assert [m.content for m in first.chosen] == ["HELLO"]
+    assert [m.content for m in first.rejected] == ["hello"]
+
+
 def test_a_row_of_the_wrong_kind_is_a_problem_when_the_kind_is_given(tmp_path: Path) -> None:
     path = write(tmp_path / "d.jsonl", [chat("q", "a"), {"prompt": "p", "completion": "c"}])
     dataset = read_dataset(path, kind="preference")

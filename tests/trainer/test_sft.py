@@ -207,6 +207,11 @@ def test_events_file_has_every_step_evaluation_and_checkpoint_in_order(
     evals = [e for e in events if e["event"] == "eval"]
     assert [e["step"] for e in evals] == [8, 16, 24]
     assert [e["eval_loss"] for e in evals] == [e["loss"] for e in metrics["eval_loss"]]
+    # Token accuracy, in the events as in metrics.json, and no lower at the end than at first.
+    assert [e["accuracy"] for e in train] == [e["accuracy"] for e in metrics["train_loss"]]
+    assert [e["eval_accuracy"] for e in evals] == [e["accuracy"] for e in metrics["eval_loss"]]
+    assert all(0 < e["accuracy"] <= 1 for e in train)
+    assert evals[-1]["eval_accuracy"] >= evals[0]["eval_accuracy"]
     saved = [e for e in events if e["event"] == "checkpoint"]
     assert [e["step"] for e in saved] == [8, 16, 24]
     assert all(Path(e["path"]).name == f"checkpoint-{e['step']}" for e in saved)
