@@ -74,6 +74,7 @@ class DPOSettings:
     warmup_ratio: float = 0.03
     eval_every: int | None = None  # steps; default once per epoch
     save_every: int | None = None  # steps; default at every evaluation (else once per epoch)
+    gradient_checkpointing: bool = False  # recompute activations in backward: less memory, slower
     dtype: str = "auto"
     start: str | None = None  # NAME@V continued, None: a fresh LoRA on the base
     method: str = "dpo"
@@ -275,7 +276,9 @@ def _build_trainer(
         gradient_accumulation_steps=settings.grad_accum, warmup_steps=settings.warmup_ratio,
         max_length=None, seed=settings.seed, data_seed=settings.seed,
         bf16=dtype == "bfloat16", fp16=False, use_cpu=not _cuda(),
-        gradient_checkpointing=False, logging_strategy="steps", logging_steps=1,
+        gradient_checkpointing=settings.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False},
+        logging_strategy="steps", logging_steps=1,
         report_to="none", disable_tqdm=True, eval_strategy="steps" if has_val else "no",
         eval_steps=1, save_strategy="steps", save_steps=1, save_total_limit=3,
         include_num_input_tokens_seen="non_padding", dataloader_num_workers=0,

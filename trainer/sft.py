@@ -83,6 +83,7 @@ class SFTSettings:
     max_seq_len: int = 1024
     seed: int = 0
     packing: bool = False
+    gradient_checkpointing: bool = False  # recompute activations in backward: less memory, slower
     warmup_ratio: float = 0.03
     eval_every: int | None = None  # steps; default once per epoch
     early_stopping_patience: int | None = None  # evaluations without improvement
@@ -404,8 +405,8 @@ def _build_trainer(
         packing=settings.packing, padding_free=True,
         seed=settings.seed,
         data_seed=settings.seed, bf16=dtype == "bfloat16", fp16=False,
-        use_cpu=not _cuda(), gradient_checkpointing=False,
-        logging_strategy="steps", logging_steps=1, report_to="none", disable_tqdm=True,
+        use_cpu=not _cuda(), gradient_checkpointing=settings.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False}, logging_strategy="steps", logging_steps=1, report_to="none", disable_tqdm=True,
         eval_strategy="steps" if has_val else "no", eval_steps=1, save_strategy="steps",
         save_steps=1, save_total_limit=3, load_best_model_at_end=has_val,
         metric_for_best_model="eval_loss" if has_val else None, greater_is_better=False,
@@ -415,7 +416,9 @@ def _build_trainer(
     callbacks: list[Any] = [_ProgressCallback.make(progress)]
     if has_val and settings.early_stopping_patience:
         callbacks.append(EarlyStoppingCallback(settings.early_stopping_patience))
-    model = _load_model(model_dir, settings.method, dtype)
+    model = _load_model(
+        model_dir, settings.method, dtype, checkpointing=settings.gradient_checkpointing
+    )
     if start is not None:
         from peft import PeftModel
 
@@ -492,7 +495,7 @@ def quantization_record(dtype: str) -> dict[str, Any]:
                            "version": outputs.library_versions().get("bitsandbytes")}  # fmt: skip
 
 
-def _load_model(model_dir: Path, method: str, dtype: str) -> Any:
+def _load_model(model_dir: Path, method: str, dtype: str, *, checkpointing: bool = False) -> Any:
     """The frozen base in the chosen dtype (bf16 weights where bf16 is chosen, the LoRA in fp32
     as peft keeps it); a 4-bit NF4 base for QLoRA, on the GPU where there is one, else on the
     CPU (no memory win at 135M: the point is the adapter, served on the full-precision base).
@@ -516,7 +519,10 @@ def _load_model(model_dir: Path, method: str, dtype: str) -> Any:
         device_map={"": 0 if _cuda() else "cpu"},
     )  # fmt: skip
     keep_4bit_weights_trainable(model)
-    return prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    return prepare_model_for_kbit_training(
+        model, use_gradient_checkpointing=checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False},
+    )  # fmt: skip
 
 
 def keep_4bit_weights_trainable(model: Any) -> int:

@@ -106,6 +106,13 @@ def train(
     ] = 1024,
     seed: Annotated[int, typer.Option("--seed")] = 0,
     packing: Annotated[bool, typer.Option("--packing")] = False,
+    gradient_checkpointing: Annotated[
+        bool,
+        typer.Option(
+            "--gradient-checkpointing",
+            help="recompute activations in backward: less memory, slower steps",
+        ),
+    ] = False,
     eval_every: Annotated[
         int | None, typer.Option("--eval-every", help="steps [once per epoch]")
     ] = None,
@@ -160,7 +167,8 @@ def train(
                               "target_modules": target_modules})  # fmt: skip
     common = {"schedule": schedule, "max_steps": max_steps, "batch_size": batch_size,
               "grad_accum": grad_accum, "max_seq_len": max_seq_len, "seed": seed,
-              "eval_every": eval_every, "save_every": save_every, "dtype": dtype}  # fmt: skip
+              "eval_every": eval_every, "save_every": save_every, "dtype": dtype,
+              "gradient_checkpointing": gradient_checkpointing}  # fmt: skip
     settings: SFTSettings | DPOSettings
     try:
         lora = LoraSettings(rank=rank, alpha=alpha, dropout=dropout, target_modules=modules)
