@@ -31,7 +31,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-from registry.fine_tuning import STALE_SECONDS, FineTuningStore, fine_tuned_model_id, new_id
+from registry.fine_tuning import (
+    CHECKPOINT_FOLDER,
+    STALE_SECONDS,
+    FineTuningStore,
+    fine_tuned_model_id,
+    new_id,
+)
 from registry.fine_tuning_tables import JobRow
 from registry.service import Registry
 from server.fine_tuning import files
@@ -380,7 +386,7 @@ class _Progress:
                 state = json.loads((folder / TRAINER_STATE).read_text(encoding="utf-8"))
                 if self.events is None:
                     self._log(state)
-                blob = self._upload(folder)
+                blob = self._upload(folder, step)
             except (OSError, ValueError) as e:  # being written or rotated: next time
                 log.info("fine-tuning job %s: checkpoint %s not read yet: %s", self.job_id, step, e)
                 continue
@@ -389,13 +395,14 @@ class _Progress:
                 self.job_id, step, self._checkpoint_metrics(state, step), blob_sha256=blob
             )
 
-    def _upload(self, checkpoint: Path) -> str:
-        """The run record and `checkpoint`, as the run folder holds them, into the artifact
+    def _upload(self, checkpoint: Path, step: int) -> str:
+        """The run record and `checkpoint`, as the run folder holds them (CHECKPOINT_FOLDER: the
+        layout `--resume` reads and the server serves the adapter from), into the artifact
         store; the blob's sha256."""
         staging = Path(tempfile.mkdtemp(prefix=".upload-", dir=self.out.parent))
         try:
             shutil.copy2(self.out / RUN_RECORD, staging / RUN_RECORD)
-            shutil.copytree(checkpoint, staging / CHECKPOINTS / checkpoint.name)
+            shutil.copytree(checkpoint, staging / CHECKPOINT_FOLDER.format(step=step))
             return self.artifacts.upload_folder(staging).sha256
         finally:
             shutil.rmtree(staging, ignore_errors=True)

@@ -66,6 +66,27 @@ def wait_status(ft: openai.OpenAI, job_id: str, wanted: set[str], timeout: float
         time.sleep(0.5)
 
 
+def assert_shouts(ft: openai.OpenAI, model: str, *, served_as: str) -> None:
+    """Greedy answers of `model` to held-out prompts: at least 3 of 4 upper case (the trained
+    behaviour), each served as `served_as`."""
+    answers = []
+    for prompt in HELD_OUT_PROMPTS[:4]:
+        reply = ft.chat.completions.create(
+            model=model, messages=[{"role": "user", "content": prompt}], max_tokens=32,
+            temperature=0,
+        )  # fmt: skip
+        assert reply.model == served_as
+        answers.append(reply.choices[0].message.content)
+    assert sum(map(is_upper_case, answers)) >= 3, (model, answers)
+
+
+def assert_not_found(ft: openai.OpenAI, model: str, words: str) -> None:
+    with pytest.raises(openai.NotFoundError, match=words):
+        ft.chat.completions.create(
+            model=model, max_tokens=4, messages=[{"role": "user", "content": "hi"}]
+        )
+
+
 def raw(ft: openai.OpenAI, path: str) -> dict:
     """The JSON body as the server sent it (for schema validation, not the client's model)."""
     return ft.get(path, cast_to=object)
@@ -94,20 +115,8 @@ def test_a_job_trains_registers_and_serves_its_adapter(ft: openai.OpenAI, finish
     assert job.fine_tuned_model == f"ft:smollm2:loraplex:{NAME}:{job.id[-8:]}"
     assert job.trained_tokens and job.trained_tokens > 0
     for model in (job.fine_tuned_model, f"{NAME}@1"):  # the ft: id and the version it names
-        answers = []
-        for prompt in HELD_OUT_PROMPTS[:4]:
-            reply = ft.chat.completions.create(
-                model=model, messages=[{"role": "user", "content": prompt}],
-                max_tokens=32, temperature=0,
-            )  # fmt: skip
-            assert reply.model == f"{NAME}@1"
-            answers.append(reply.choices[0].message.content)
-        assert sum(map(is_upper_case, answers)) >= 3, (model, answers)
-    with pytest.raises(openai.NotFoundError):
-        ft.chat.completions.create(
-            model=f"ft:smollm2:loraplex:{NAME}:00000000", max_tokens=4,
-            messages=[{"role": "user", "content": "hi"}],
-        )  # fmt: skip
+        assert_shouts(ft, model, served_as=f"{NAME}@1")
+    assert_not_found(ft, f"ft:smollm2:loraplex:{NAME}:00000000", "fine-tuned model")
 
 
 def test_the_result_file_and_the_versions_lineage_name_the_job_and_its_files(
@@ -180,25 +189,16 @@ def test_checkpoints_are_callable_by_their_checkpoint_ids(
                          key=lambda c: c.step_number)  # fmt: skip
     newest, earliest = checkpoints[-1], checkpoints[0]
     assert newest.step_number == 24
-    answers = []
-    for prompt in HELD_OUT_PROMPTS[:4]:
-        reply = ft.chat.completions.create(
-            model=newest.fine_tuned_model_checkpoint, max_tokens=32, temperature=0,
-            messages=[{"role": "user", "content": prompt}],
-        )  # fmt: skip
-        assert reply.model == newest.fine_tuned_model_checkpoint  # served as itself
-        answers.append(reply.choices[0].message.content)
-    assert sum(map(is_upper_case, answers)) >= 3, answers  # the trained behaviour, at step 24
+    # The trained behaviour, at step 24; served as itself.
+    assert_shouts(
+        ft, newest.fine_tuned_model_checkpoint, served_as=newest.fine_tuned_model_checkpoint
+    )
     early = ft.chat.completions.create(
         model=earliest.fine_tuned_model_checkpoint, max_tokens=8,
         messages=[{"role": "user", "content": HELD_OUT_PROMPTS[0]}],
     )  # fmt: skip
     assert early.model == earliest.fine_tuned_model_checkpoint and early.choices[0].message
-    with pytest.raises(openai.NotFoundError, match="checkpoint"):
-        ft.chat.completions.create(
-            model=f"{job.fine_tuned_model}:ckpt-step-9999", max_tokens=4,
-            messages=[{"role": "user", "content": "hi"}],
-        )  # fmt: skip
+    assert_not_found(ft, f"{job.fine_tuned_model}:ckpt-step-9999", "checkpoint")
 
 
 def test_a_dpo_job_on_openai_rows_continues_the_fine_tuned_model(
@@ -227,16 +227,8 @@ def test_a_dpo_job_on_openai_rows_continues_the_fine_tuned_model(
     assert version.lineage["from"]["ref"] == f"{NAME}@1"
     assert version.lineage["method"] == "dpo"
     assert version.tags["fine_tuning_job"] == job.id
-    answers = []
-    for prompt in HELD_OUT_PROMPTS[:4]:
-        reply = ft.chat.completions.create(
-            model=done.fine_tuned_model, messages=[{"role": "user", "content": prompt}],
-            max_tokens=32, temperature=0,
-        )  # fmt: skip
-        assert reply.model == f"{NAME}@2"
-        answers.append(reply.choices[0].message.content)
     # One DPO step at its small learning rate keeps what shouty@1 learned: it was the start.
-    assert sum(map(is_upper_case, answers)) >= 3, answers
+    assert_shouts(ft, done.fine_tuned_model, served_as=f"{NAME}@2")
 
 
 def test_every_object_matches_openai_schemas(ft: openai.OpenAI, finished: dict) -> None:

@@ -6,39 +6,21 @@ used. One forward and backward per head, no training."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
 
 import trainer.sft as sft
-from tests.support.adapters import TRAINING_PAIRS
-from trainer.sft import IGNORE_INDEX, LoraSettings, SFTSettings, _build_trainer, _load_split
+from tests.support.sft_trainer import built_trainer
+from trainer.sft import IGNORE_INDEX
 
 EXAMPLES = 4
 
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory: pytest.TempPathFactory, embedded_model_dir: Path) -> dict:
-    from transformers import AutoTokenizer
-
-    root = tmp_path_factory.mktemp("lm-head")
-    train = root / "train.jsonl"
-    rows = [
-        {"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a.upper()}]}
-        for q, a in TRAINING_PAIRS[:EXAMPLES]
-    ]
-    train.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    settings = SFTSettings(lora=LoraSettings(rank=4, dropout=0.0), max_steps=1,
-                           batch_size=EXAMPLES, max_seq_len=512, seed=1, dtype="float32")  # fmt: skip
-    tokenizer = AutoTokenizer.from_pretrained(embedded_model_dir)
-    dataset, _info = _load_split(train, tokenizer, settings, split="train")
-    trainer = _build_trainer(
-        model_dir=embedded_model_dir, tokenizer=tokenizer, train_set=dataset, val_set=None,
-        out_dir=root / "run", settings=settings, dtype="float32", progress=None,
-    )  # fmt: skip
-    batch = next(iter(trainer.get_train_dataloader()))
-    return {"trainer": trainer, "batch": batch}
+    return built_trainer(tmp_path_factory.mktemp("lm-head"), embedded_model_dir,
+                         examples=EXAMPLES, batch_size=EXAMPLES, max_seq_len=512)  # fmt: skip
 
 
 def loss_and_grads(trainer, batch: dict, items: object = None) -> tuple[float, dict]:

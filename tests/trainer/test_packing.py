@@ -5,13 +5,12 @@ no token attends to another example's tokens). Data level and one forward pass, 
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
 
-from tests.support.adapters import TRAINING_PAIRS
-from trainer.sft import IGNORE_INDEX, LoraSettings, SFTSettings, _build_trainer, _load_split
+from tests.support.sft_trainer import built_trainer
+from trainer.sft import IGNORE_INDEX
 
 EXAMPLES = 6
 
@@ -19,25 +18,9 @@ EXAMPLES = 6
 @pytest.fixture(scope="module")
 def packed(tmp_path_factory: pytest.TempPathFactory, embedded_model_dir: Path) -> dict:
     """The rows as trainer.sft encodes them, and the first batch of a packing SFTTrainer."""
-    from transformers import AutoTokenizer
-
-    root = tmp_path_factory.mktemp("packing")
-    train = root / "train.jsonl"
-    rows = [
-        {"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a.upper()}]}
-        for q, a in TRAINING_PAIRS[:EXAMPLES]
-    ]
-    train.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    settings = SFTSettings(lora=LoraSettings(rank=4, dropout=0.0), max_steps=1, batch_size=1,
-                           max_seq_len=512, packing=True, seed=1, dtype="float32")  # fmt: skip
-    tokenizer = AutoTokenizer.from_pretrained(embedded_model_dir)
-    dataset, _info = _load_split(train, tokenizer, settings, split="train")
-    trainer = _build_trainer(
-        model_dir=embedded_model_dir, tokenizer=tokenizer, train_set=dataset, val_set=None,
-        out_dir=root / "run", settings=settings, dtype="float32", progress=None,
-    )  # fmt: skip
-    batch = next(iter(trainer.get_train_dataloader()))
-    return {"examples": list(dataset), "batch": batch, "model": trainer.model}
+    built = built_trainer(tmp_path_factory.mktemp("packing"), embedded_model_dir,
+                          examples=EXAMPLES, batch_size=1, max_seq_len=512, packing=True)  # fmt: skip
+    return built | {"model": built["trainer"].model}
 
 
 def segments(batch: dict) -> list[tuple[int, int]]:
