@@ -14,7 +14,26 @@ SUBSET = Path(__file__).resolve().parents[1] / "conformance" / "openai-fine-tuni
 
 @cache
 def _document() -> dict[str, Any]:
-    return json.loads(SUBSET.read_text())
+    return _exclusive_bounds(json.loads(SUBSET.read_text()))
+
+
+def _exclusive_bounds(node: Any) -> Any:
+    """`node` with OpenAPI 3.0's boolean bounds in JSON Schema 2020-12's numeric form.
+
+    OpenAI's document says 3.1 but writes some bounds the 3.0 way (`"minimum": 0,
+    "exclusiveMinimum": true`: greater than 0). A 2020-12 validator reads `true` as the number 1,
+    so it would refuse a DPO beta of 0.1 or a learning-rate multiplier of 0.5 that OpenAI accepts.
+    """
+    if isinstance(node, list):
+        return [_exclusive_bounds(item) for item in node]
+    if not isinstance(node, dict):
+        return node
+    node = {key: _exclusive_bounds(value) for key, value in node.items()}
+    for exclusive, inclusive in (("exclusiveMinimum", "minimum"), ("exclusiveMaximum", "maximum")):
+        if isinstance(node.get(exclusive), bool):
+            if node.pop(exclusive) and inclusive in node:
+                node[exclusive] = node.pop(inclusive)
+    return node
 
 
 def problems(obj: Any, schema: str) -> list[str]:

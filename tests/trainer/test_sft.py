@@ -207,11 +207,10 @@ def test_events_file_has_every_step_evaluation_and_checkpoint_in_order(
     evals = [e for e in events if e["event"] == "eval"]
     assert [e["step"] for e in evals] == [8, 16, 24]
     assert [e["eval_loss"] for e in evals] == [e["loss"] for e in metrics["eval_loss"]]
-    # Token accuracy, in the events as in metrics.json, and no lower at the end than at first.
+    # Token accuracy, in the events as in metrics.json (what it measures: the next test).
     assert [e["accuracy"] for e in train] == [e["accuracy"] for e in metrics["train_loss"]]
     assert [e["eval_accuracy"] for e in evals] == [e["accuracy"] for e in metrics["eval_loss"]]
     assert all(0 < e["accuracy"] <= 1 for e in train)
-    assert evals[-1]["eval_accuracy"] >= evals[0]["eval_accuracy"]
     saved = [e for e in events if e["event"] == "checkpoint"]
     assert [e["step"] for e in saved] == [8, 16, 24]
     assert all(Path(e["path"]).name == f"checkpoint-{e['step']}" for e in saved)
@@ -222,6 +221,46 @@ def test_events_file_has_every_step_evaluation_and_checkpoint_in_order(
     assert done["version"] == f"{NAME}@1" and done["step"] == STEPS
     assert done["best_val_loss"] == metrics["best_val_loss"] and done["serving_gate_passed"]
     assert Path(done["adapter_dir"]) == (run["out"] / "adapter").resolve()
+
+
+def test_eval_token_accuracy_is_the_saved_adapters_share_of_answer_tokens_predicted(
+    run: dict[str, object], embedded_model_dir: Path
+) -> None:
+    """The validation token accuracy logged at the best step, recomputed here without the trainer:
+    the saved (best) adapter's greedy next-token hits over the validation answers' trained tokens.
+    The base model scores lower on the same tokens (it does not answer in capitals)."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from trainer.data import Message
+
+    metrics = json.loads((run["out"] / "metrics.json").read_text())
+    logged = {e["step"]: e["accuracy"] for e in metrics["eval_loss"]}[metrics["best_step"]]
+    tokenizer = AutoTokenizer.from_pretrained(embedded_model_dir)
+    base = AutoModelForCausalLM.from_pretrained(embedded_model_dir, dtype=torch.float32)
+    model = PeftModel.from_pretrained(base, run["out"] / "adapter").eval()
+    rows = [json.loads(line) for line in run["val"].read_text().splitlines()]
+    chats = [tuple(Message(m["role"], m["content"]) for m in row["messages"]) for row in rows]
+
+    def accuracy() -> float:
+        hits = total = 0
+        for chat in chats:
+            encoded = encode_chat(tokenizer, chat)
+            labels = torch.tensor(encoded.labels[1:])
+            with torch.no_grad():
+                logits = model(torch.tensor([encoded.input_ids])).logits[0, :-1]
+            trained = labels != -100
+            hits += int(((logits.argmax(-1) == labels) & trained).sum())
+            total += int(trained.sum())
+        return hits / total
+
+    adapter_accuracy = accuracy()
+    with model.disable_adapter():
+        base_accuracy = accuracy()
+    # bf16 training vs this fp32 forward may flip an argmax tie or two (~120 answer tokens).
+    assert adapter_accuracy == pytest.approx(logged, abs=0.05), (adapter_accuracy, logged)
+    assert base_accuracy < adapter_accuracy - 0.1, (base_accuracy, adapter_accuracy)
 
 
 def test_from_starts_at_the_registered_versions_weights_and_names_it_as_parent(
