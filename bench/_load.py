@@ -56,19 +56,40 @@ def load_settings(
 ) -> LoadSettings:
     """Send each item once, in order (`prompts` holds their prompts): a closed loop, or with
     `rate` one request every 1/rate seconds, at most `concurrency` in flight."""
+    return mix_settings(
+        base_url, round_robin_models(items), mix="round-robin", requests=len(items),
+        concurrency=concurrency, max_tokens=max_tokens, prompts=prompts, rate=rate,
+    )  # fmt: skip
+
+
+def mix_settings(
+    base_url: str,
+    models: tuple[str, ...],
+    *,
+    mix: str,
+    requests: int,
+    concurrency: int,
+    max_tokens: int,
+    prompts: Path,
+    rate: float | None = None,
+    seed: int = 0,
+) -> LoadSettings:
+    """`requests` requests over `prompts` in order (cycled), each on a model that `mix` picks
+    (loadtest's `--mix`, drawn from `seed`): greedy, exactly `max_tokens` output tokens."""
     return LoadSettings(
         url=base_url,
-        models=round_robin_models(items),
-        mix="round-robin",
+        models=models,
+        mix=mix,
         rate=rate,
         arrival="constant",
         concurrency=concurrency,
-        requests=len(items),
+        requests=requests,
         prompts=prompts,
         prompt_order="sequential",
         output_len=str(max_tokens),
         ignore_eos=True,
         timeout=REQUEST_TIMEOUT_SECONDS,
+        seed=seed,
     )
 
 
@@ -88,9 +109,15 @@ def run_items(
     settings = load_settings(
         base_url, items, concurrency=concurrency, max_tokens=max_tokens, prompts=prompts, rate=rate
     )
+    return run_settings(settings, folder / name)
+
+
+def run_settings(settings: LoadSettings, folder: Path) -> dict[str, Any]:
+    """Run one load greedily; return loadtest's summary (also written, with requests.csv, to
+    `folder`)."""
     workload = dataclasses.replace(build_workload(settings), extra_body=dict(GREEDY))
     result = asyncio.run(run_load(settings, workload=workload))
-    return write_report(result, folder / name, plots=False)
+    return write_report(result, folder, plots=False)
 
 
 def scenario_result(summary: dict[str, Any]) -> ScenarioResult:

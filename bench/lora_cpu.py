@@ -7,7 +7,11 @@ isolate the model's LoRA path), with LoRA ops:
   segmented  loraplex's per-op replacements in the linear layers (one matmul per adapter
              present, per op; the isolation fix alone), LM head and embedding as loraplex
   loraplex   what `loraplex serve` runs: fused per-layer products (linear layers, LM head),
-             layers no adapter of the batch targets skipped, per-op replacements elsewhere
+             layers no adapter of the batch targets skipped, per-op replacements elsewhere;
+             decode-sized batches in fp32
+  loraplex-model-dtype
+             the same with every batch in the model's dtype (LORAPLEX_LORA_FP32_ROWS=0): what
+             the fp32 path for decode-sized batches gains
 
 Runs cycle through them `--rounds` times, the order reversed every other round, so that drift
 on the machine hits all alike.
@@ -31,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -58,7 +63,7 @@ from bench.serving import (
 )
 from loraplex.hardware import choose_dtype
 
-OPS = ("vllm", "segmented", "loraplex")
+OPS = ("vllm", "segmented", "loraplex", "loraplex-model-dtype")
 SCENARIOS: dict[str, tuple[str | None, ...]] = {
     "base": (None,),
     "one": ALL_ADAPTER_NAMES[:1],
@@ -140,6 +145,8 @@ def _fallback_calls() -> int:
 def run_worker(config: dict[str, Any]) -> dict[str, Any]:
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # engine core in this process
     os.environ["LORAPLEX_VLLM_PATCHES"] = "0" if config["ops"] == "vllm" else "1"
+    if config["ops"] == "loraplex-model-dtype":
+        os.environ["LORAPLEX_LORA_FP32_ROWS"] = "0"
     os.environ.setdefault("VLLM_TARGET_DEVICE", "cpu")
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
@@ -263,6 +270,42 @@ def summarize(figures: dict[str, dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
+def parameter_count(folder: Path, pattern: str) -> int:
+    """Elements of every tensor in the safetensors files `pattern` matches in `folder` (headers
+    only; nothing is loaded)."""
+    from safetensors import safe_open
+
+    total = 0
+    for path in sorted(folder.glob(pattern)):
+        with safe_open(path, framework="pt") as f:
+            for key in f.keys():  # noqa: SIM118 - safe_open has no __iter__
+                total += math.prod(f.get_slice(key).get_shape())
+    return total
+
+
+def arithmetic_limit(model: Path, adapter: Path, scenarios: tuple[str, ...]) -> dict[str, Any]:
+    """What the arithmetic allows, from the weights each decode step must read.
+
+    A decode step reads every base weight once (the LM head included; an embedding lookup reads
+    one row per token) and, with n distinct adapters in the batch, n adapters' weights. Where a
+    step is bound by reading weights (memory), tokens/s scale with 1 / bytes read: one adapter
+    at most B / (B + L) of the base, n mixed at most (B + L) / (B + nL) of one adapter. Where it
+    is bound by arithmetic (each row multiplies by its own adapter only), n mixed costs what one
+    does: 1.0. Measured figures sit at or below the larger bound.
+    """
+    base = parameter_count(model, "*.safetensors")
+    lora = parameter_count(adapter, "adapter_model.safetensors")
+    limits: dict[str, Any] = {"base_parameters": base, "adapter_parameters": lora,
+                              "adapter_share": round(lora / base, 4),
+                              "one/base": round(base / (base + lora), 3)}  # fmt: skip
+    for scenario in scenarios:
+        n = len(SCENARIOS[scenario])
+        if scenario.startswith("mixed"):
+            limits[f"{scenario}/one"] = {"memory_bound": round((base + lora) / (base + n * lora), 3),
+                                         "compute_bound": 1.0}  # fmt: skip
+    return limits
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.worker:
@@ -289,16 +332,18 @@ def main(argv: list[str] | None = None) -> int:
             runs[name].append(_run_one({**config, "ops": name}))
     figures = {o: {s: _median_runs(runs[o], s) for s in scenarios} for o in ops}
     ratios = summarize(figures)
+    limit = arithmetic_limit(model, adapters[ALL_ADAPTER_NAMES[0]], scenarios)
     print("\noutput tok/s (median of rounds)")
     print(f"{'scenario':<9}" + "".join(f"{o:>12}" for o in ops))
     for s in scenarios:
         print(f"{s:<9}" + "".join(f"{figures[o][s]['output_tokens_per_second']:>12}" for o in ops))
     print(json.dumps(ratios, indent=2))
+    print("arithmetic limit:", json.dumps(limit, indent=2))
     out = args.out or RESULTS_DIR / f"lora_cpu-{utc_stamp()}.json"
     write_json(out, {
         "benchmark": "lora_cpu", "machine": machine_info(config["dtype"]), "settings": config | {
             "rounds": args.rounds, "max_loras": MAX_LORAS},
-        "figures": figures, "ratios": ratios, "runs": runs,
+        "figures": figures, "ratios": ratios, "arithmetic_limit": limit, "runs": runs,
     })  # fmt: skip
     print(f"wrote {out}")
     return 0

@@ -20,21 +20,33 @@ On CPU the arithmetic of a rank-16 adapter is a few percent of the base layer's;
 the number of small calls (vLLM's path makes 2 per slice, each gathering a weight matrix per row).
 A layer whose weights are zero for every adapter in the batch (an adapter that does not target
 that module) is skipped outright.
+
+Decode-sized batches (at most `SMALL_BATCH_ROWS` rows) compute in fp32 from fp32 copies of the
+fused weights, whatever the model's dtype: on CPUs with native bf16 (AMX, AVX512-BF16) a bf16
+matmul this small costs ~25 us of fixed overhead (oneDNN) against ~5 us in fp32, and a mixed batch
+multiplies each slice's B separately (dense, slots x rank rows) instead of the block-diagonal B,
+a third of its arithmetic for q/k/v. Larger batches (prefill) keep the model's dtype, where bf16's
+throughput wins. bench/lora_ops.py and bench/lora_cpu.py measure both.
 """
 
 from __future__ import annotations
 
 import functools
 import operator
+import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
 
 import torch  # noqa: TID253 - runs inside vLLM's engine processes, which have torch loaded
 
-# Compute over every slot of the stack (one product) while at least this share of the slots is
-# in use; below it, gather the slots in use first (the gather copies weights, but saves reading
-# and multiplying those of idle slots when max_loras is large).
+# Compute over the span of slots from the first to the last in use (one product, a view) while at
+# least this share of the span is in use; below it, gather the slots in use first (the gather
+# copies weights, but saves reading and multiplying those of idle slots when max_loras is large).
 ALL_SLOTS_MIN_SHARE = 0.5
+
+# Batches of at most this many rows (decode steps) compute in fp32 (see the module docstring);
+# 0 turns the fp32 path off (bench/lora_cpu.py's `loraplex-model-dtype` ops).
+SMALL_BATCH_ROWS = int(os.environ.get("LORAPLEX_LORA_FP32_ROWS", "16"))
 
 
 # -- the batch ---------------------------------------------------------------------------------
@@ -78,13 +90,16 @@ class FusedLoraWeights:
 
     a: (slots, slices * rank, in); b: (slots, slices * rank, out) block-diagonal over slices,
     with rank the largest any loaded adapter uses (0 when no slot has weights for this layer:
-    nothing is stored then); nonzero: the slots holding an adapter with weights for this layer.
+    nothing is stored then); nonzero: the slots holding an adapter with weights for this layer;
+    small: the same weights in fp32 for decode-sized batches (None when SMALL_BATCH_ROWS is 0).
     """
 
     a: torch.Tensor
     b: torch.Tensor
     nonzero: frozenset[int]
     rank: int
+    slices: tuple[int, ...] = ()
+    small: SmallBatchWeights | None = None
 
     @property
     def slots(self) -> int:
@@ -111,9 +126,10 @@ class FusedLoraWeights:
         rank = max(_used_rank(a, b) for a, b in zip(a_parts, b_parts, strict=True))
         a = a_parts[0].new_zeros((slots, len(a_parts) * rank, in_features))
         b = a.new_zeros((slots, len(b_parts) * rank, sum(output_slices)))
-        fused = cls(a=a, b=b, nonzero=frozenset(), rank=rank)
+        fused = cls(a=a, b=b, nonzero=frozenset(), rank=rank, slices=tuple(output_slices))
         fused._copy(slice(None), a_parts, b_parts, output_slices)
-        return replace(fused, nonzero=slots_with_weights(fused.a, fused.b))
+        small = SmallBatchWeights.of(fused) if SMALL_BATCH_ROWS and rank else None
+        return replace(fused, nonzero=slots_with_weights(fused.a, fused.b), small=small)
 
     def refresh(
         self,
@@ -132,6 +148,8 @@ class FusedLoraWeights:
         if max(_used_rank(a[slots], b[slots]) for a, b in pairs) > self.rank:
             return FusedLoraWeights.build(a_stacked, b_stacked, output_slices)
         self._copy(slots, a_parts, b_parts, output_slices)
+        if self.small is not None:
+            self.small.copy_slots(self, slots)
         live = slots_with_weights(self.a[slots], self.b[slots])
         nonzero = (self.nonzero - set(slots)) | {slots[i] for i in live}
         return replace(self, nonzero=frozenset(nonzero))
@@ -154,6 +172,46 @@ class FusedLoraWeights:
             self.b[slots, i * rank : (i + 1) * rank, offset : offset + size] = part[
                 slots, :size, :rank
             ].mT
+            offset += size
+
+
+@dataclass(frozen=True, eq=False)
+class SmallBatchWeights:
+    """fp32 copies of a layer's fused weights, for decode-sized batches.
+
+    a, b: as `FusedLoraWeights.a` / `.b`, in fp32; b_slices: per output slice, (slots, rank,
+    size) dense, so a mixed batch multiplies each slice by its own columns only (empty for a
+    single-slice layer, whose b is already dense).
+    """
+
+    a: torch.Tensor
+    b: torch.Tensor
+    b_slices: tuple[torch.Tensor, ...]
+
+    @classmethod
+    def of(cls, fused: FusedLoraWeights) -> SmallBatchWeights:
+        """From `fused`; an fp32 model's a and b are shared, not copied."""
+        rank, slots = fused.rank, fused.slots
+        sliced = tuple(
+            fused.b.new_zeros((slots, rank, size), dtype=torch.float32) for size in fused.slices
+        )
+        shared = fused.a.dtype == torch.float32
+        small = cls(
+            a=fused.a if shared else torch.empty_like(fused.a, dtype=torch.float32),
+            b=fused.b if shared else torch.empty_like(fused.b, dtype=torch.float32),
+            b_slices=sliced if len(fused.slices) > 1 else (),
+        )
+        small.copy_slots(fused, slice(None))
+        return small
+
+    def copy_slots(self, fused: FusedLoraWeights, slots: list[int] | slice) -> None:
+        """Copy `slots` of `fused` (just written) into these fp32 copies, in place."""
+        if self.a is not fused.a:
+            self.a[slots] = fused.a[slots].to(torch.float32)
+            self.b[slots] = fused.b[slots].to(torch.float32)
+        rank, offset = fused.rank, 0
+        for i, (part, size) in enumerate(zip(self.b_slices, fused.slices, strict=False)):
+            part[slots] = self.b[slots, i * rank : (i + 1) * rank, offset : offset + size]
             offset += size
 
 
@@ -188,10 +246,13 @@ def apply_fused_lora(
 ) -> None:
     """y[:, :out] += scale * each row's adapter's x @ A^T @ B; rows without one unchanged.
 
-    The rank-r intermediate is kept in the weights' dtype, as vLLM's expand op casts it to.
-    Two torch calls when the whole batch is on one adapter, three otherwise.
+    Decode-sized batches compute in fp32 (`SmallBatchWeights`); larger ones keep the rank-r
+    intermediate in the weights' dtype, as vLLM's expand op casts it to. Two torch calls when
+    the whole batch is on one adapter, three (small mixed batches: two plus one per slice)
+    otherwise.
     """
-    a, b = weights.a, weights.b
+    small = weights.small if layout.rows <= SMALL_BATCH_ROWS else None
+    a, b = (small.a, small.b) if small is not None else (weights.a, weights.b)
     if layout.uniform is not None:
         if layout.uniform not in weights.nonzero:
             return
@@ -201,15 +262,32 @@ def apply_fused_lora(
     used = tuple(s for s in layout.present if s in weights.nonzero)
     if not used:
         return
-    slots = tuple(range(weights.slots))
-    if len(used) < ALL_SLOTS_MIN_SHARE * weights.slots:
+    # The span of slots from the first to the last in use is a view (vLLM fills slots from 0);
+    # gather only when most of that span is idle.
+    span = slice(used[0], used[-1] + 1)
+    slots: tuple[int, ...] = tuple(range(span.start, span.stop))
+    picked = None
+    if len(used) < ALL_SLOTS_MIN_SHARE * len(slots):
         slots = used
         picked = torch.tensor(used, device=a.device)
         a, b = a.index_select(0, picked), b.index_select(0, picked)
+    else:
+        a, b = a[span], b[span]
     width = a.shape[1]
     h = x.to(a.dtype) @ a.view(-1, a.shape[-1]).T  # (rows, slots * slices * rank)
     h.view(-1, len(slots), width).mul_(layout.mask(slots, h.dtype).unsqueeze(2))
-    _add_product(y, h, b.view(-1, b.shape[-1]), scale)
+    if small is None or not small.b_slices:
+        _add_product(y, h, b.view(-1, b.shape[-1]), scale)
+        return
+    # Each slice's columns from its own dense B: h's (slot, slice, rank) columns regrouped.
+    per_slice = h.view(h.shape[0], len(slots), len(small.b_slices), weights.rank)
+    offset = 0
+    for i, part in enumerate(small.b_slices):
+        size = part.shape[2]
+        part = part.index_select(0, picked) if picked is not None else part[span]
+        hi = per_slice[:, :, i].reshape(h.shape[0], -1)
+        _add_product(y[:, offset : offset + size], hi, part.view(-1, size), scale)
+        offset += size
 
 
 def _add_product(y: torch.Tensor, h: torch.Tensor, b: torch.Tensor, scale: float) -> None:
@@ -217,8 +295,8 @@ def _add_product(y: torch.Tensor, h: torch.Tensor, b: torch.Tensor, scale: float
     target = y if y.shape[1] == b.shape[1] else y[:, : b.shape[1]]
     if target.dtype == h.dtype:
         target.addmm_(h, b, alpha=scale)
-    else:
-        target += (torch.mm(h, b) * scale).to(target.dtype)
+    else:  # fp32 product into the model's dtype: one rounding, in the add
+        target.add_(torch.mm(h, b), alpha=scale)
 
 
 # -- per-op replacements for vLLM's torch ops ---------------------------------------------------

@@ -189,14 +189,46 @@ def _check_fused(indices, *, slots, slices, dtype, scale=1.0, empty=()):
     return ours, y0
 
 
+@pytest.fixture(params=["fp32-small-batches", "model-dtype"])
+def small_batch_rows(request, monkeypatch):
+    """Both compute paths for every batch: fp32 (decode-sized batches; per-slice B when mixed)
+    and the model's dtype (larger batches)."""
+    rows = 10_000 if request.param == "fp32-small-batches" else 0
+    monkeypatch.setattr(lora_cpu_ops, "SMALL_BATCH_ROWS", rows)
+    return rows
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("slots", [1, 2, 4, 8])
 @pytest.mark.parametrize("slices", [(OUT,), (OUT, 32, 32)], ids=["one-slice", "qkv"])
 def test_fused_layer_matches_vllm_for_1_to_8_adapters_mixed_ranks_and_base_rows(
-    dtype, slots, slices
+    dtype, slots, slices, small_batch_rows
 ):
     indices = torch.tensor([i % (slots + 1) - 1 for i in range(3 * slots + 2)])  # -1 included
     _check_fused(indices, slots=slots, slices=slices, dtype=dtype, scale=0.5)
+
+
+def test_small_batches_compute_in_fp32_from_fp32_copies(monkeypatch):
+    """A decode-sized batch of a bf16 model takes the fp32 copies (the layer's product is the
+    fp32 one, rounded once into y); with the fp32 path off, no copies are kept."""
+    slices = (OUT, 32, 32)
+    a, b = _layer_stacks(4, slices, torch.bfloat16)
+    weights = lora_cpu_ops.FusedLoraWeights.build(a, b, slices)
+    small = weights.small
+    assert small is not None and small.a.dtype == small.b.dtype == torch.float32
+    assert torch.equal(small.a, weights.a.float()) and torch.equal(small.b, weights.b.float())
+    assert [tuple(p.shape) for p in small.b_slices] == [(4, weights.rank, n) for n in slices]
+    indices = torch.tensor([0, 1, 2, 3, -1, 2])
+    x = torch.randn(len(indices), IN).to(torch.bfloat16)
+    y = torch.zeros(len(indices), sum(slices), dtype=torch.bfloat16)
+    lora_cpu_ops.apply_fused_lora(y, x, lora_cpu_ops.StepLayout.of(indices), weights)
+    expected = torch.zeros(len(indices), sum(slices))
+    for row, slot in enumerate(indices.tolist()):
+        if slot >= 0:
+            expected[row] = x[row].float() @ small.a[slot].T @ small.b[slot]
+    torch.testing.assert_close(y.float(), expected, rtol=8e-3, atol=1e-3)  # bf16's rounding
+    monkeypatch.setattr(lora_cpu_ops, "SMALL_BATCH_ROWS", 0)
+    assert lora_cpu_ops.FusedLoraWeights.build(a, b, slices).small is None
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -209,6 +241,14 @@ def test_fused_layer_few_slots_in_use_of_a_large_stack():
     """Two adapters in use of 8 slots: below ALL_SLOTS_MIN_SHARE, the slots in use are gathered."""
     indices = torch.tensor([5, -1, 1, 5, 1, -1, 1])
     assert 2 < lora_cpu_ops.ALL_SLOTS_MIN_SHARE * 8
+    _check_fused(indices, slots=8, slices=(OUT, 32, 32), dtype=torch.bfloat16)
+
+
+def test_fused_layer_computes_over_the_span_of_slots_in_use(small_batch_rows):
+    """Slots 2-4 in use of 8 (slot 3 by base rows only): the product runs over that span, a view
+    of the stacks, not over all 8 slots."""
+    indices = torch.tensor([2, -1, 4, 2, 4, -1, 2])
+    assert 2 >= lora_cpu_ops.ALL_SLOTS_MIN_SHARE * 3
     _check_fused(indices, slots=8, slices=(OUT, 32, 32), dtype=torch.bfloat16)
 
 
@@ -319,6 +359,9 @@ def test_fused_weights_refresh_a_slot():
     rebuilt = lora_cpu_ops.FusedLoraWeights.build(a, b, slices)
     assert refreshed.a is fused.a  # in place
     assert torch.equal(refreshed.a, rebuilt.a) and torch.equal(refreshed.b, rebuilt.b)
+    assert refreshed.small is fused.small  # the fp32 copies too
+    for ours, theirs in zip(_small_tensors(refreshed), _small_tensors(rebuilt), strict=True):
+        assert torch.equal(ours, theirs)
     assert refreshed.nonzero == rebuilt.nonzero == {0}
     bigger_a, bigger_b = _layer_stacks(3, slices, torch.bfloat16)  # slot 2: rank 64
     grown = refreshed.refresh([2], bigger_a, bigger_b, slices)
@@ -329,6 +372,10 @@ def test_fused_weights_refresh_a_slot():
     still_empty = empty.refresh([1], *_layer_stacks(3, (OUT,), torch.float32, empty=(0, 1, 2)),
                                 (OUT,))  # fmt: skip
     assert still_empty.rank == 0 and not still_empty.nonzero
+
+
+def _small_tensors(fused):
+    return (fused.small.a, fused.small.b, *fused.small.b_slices)
 
 
 def test_fused_weights_keep_only_the_ranks_in_use():
