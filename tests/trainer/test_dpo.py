@@ -14,6 +14,7 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
+from loraplex.hardware import choose_dtype
 from registry.service import Registry
 from registry.settings import RegistrySettings
 from tests.support.adapters import HELD_OUT_PROMPTS, PREFIX_MARKER, TRAINING_PAIRS
@@ -112,9 +113,12 @@ def test_metrics_have_rising_reward_margins_and_accuracy(run: dict[str, object])
     rewards = metrics["rewards"]
     assert [e["step"] for e in rewards] == list(range(1, STEPS + 1))
     assert [e["step"] for e in metrics["train_loss"]] == list(range(1, STEPS + 1))
-    # Step 1 is computed before any update: the fresh adapter is the base, the reference.
-    assert rewards[0]["margins"] == pytest.approx(0, abs=1e-3)
-    assert rewards[0]["chosen"] == pytest.approx(0, abs=1e-3)
+    # Step 1 is computed before any update: the fresh adapter is the base, the reference. In
+    # bf16 the policy's and the reference's forwards (other batch shapes) round differently:
+    # seen -0.008 on an AMX Xeon, against the > 0.5 the run must end with.
+    same = 1e-3 if choose_dtype("auto").dtype == "float32" else 3e-2
+    assert rewards[0]["margins"] == pytest.approx(0, abs=same)
+    assert rewards[0]["chosen"] == pytest.approx(0, abs=same)
     last = rewards[-4:]
     assert min(e["margins"] for e in last) > 0.5
     assert sum(e["accuracies"] for e in last) / 4 > rewards[0]["accuracies"]
