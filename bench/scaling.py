@@ -110,7 +110,7 @@ def _checked(summary: dict[str, Any]) -> dict[str, Any]:
 
 def _figures(summary: dict[str, Any]) -> dict[str, Any]:
     overall = summary["overall"]
-    per_model = {name: group["completed"] for name, group in summary["models"].items()}
+    per_model = {n: g["completed"] for n, g in summary["models"].items() if g["completed"]}
     return {
         "requests": overall["completed"],
         "output_tokens_per_second": round(overall["output_token_throughput"], 2),

@@ -68,7 +68,10 @@ def serve(
     served_name: Annotated[
         str | None, typer.Option(help="the base model's name (default: smollm2)")
     ] = None,
-    max_loras: Annotated[int | None, typer.Option(help="adapters active in one batch [4]")] = None,
+    max_loras: Annotated[
+        int | None,
+        typer.Option(help="adapters active in one batch [CPU: max_num_seqs (32); GPU: 4]"),
+    ] = None,
     max_lora_rank: Annotated[int | None, typer.Option(help="largest adapter rank [16]")] = None,
     max_model_len: Annotated[
         int | None, typer.Option(help="context window in tokens [2048]")

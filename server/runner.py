@@ -15,7 +15,7 @@ import uvicorn
 from prometheus_client import CollectorRegistry
 from rich.console import Console
 
-from server.settings import ServeSettings
+from server.settings import ServeSettings, engine_max_loras
 
 
 class ServeError(Exception):
@@ -35,13 +35,14 @@ def build_engine(settings: ServeSettings, *, model_dir: Path):
     from loraplex.hardware import choose_dtype
     from server.engine_vllm import VllmEngine, VllmEngineSettings, installed_backend
 
-    dtype = choose_dtype(settings.dtype, cuda=installed_backend() == "cuda")
+    backend = installed_backend()
+    dtype = choose_dtype(settings.dtype, cuda=backend == "cuda")
     return VllmEngine(
         VllmEngineSettings(
             model_path=str(model_dir),
             served_name=settings.served_name,
             max_model_len=settings.max_model_len,
-            max_loras=settings.max_loras,
+            max_loras=engine_max_loras(settings, backend),
             max_lora_rank=settings.max_lora_rank,
             max_cpu_loras=settings.max_cpu_loras,
             max_num_seqs=settings.max_num_seqs,
@@ -100,7 +101,7 @@ def build_resolver(settings: ServeSettings, *, engine, metrics):
     )  # fmt: skip
     resolver = RegistryResolver(
         registry.store, loader, local=local, metrics=metrics,
-        poll_seconds=settings.registry_poll_seconds, max_loras=settings.max_loras,
+        poll_seconds=settings.registry_poll_seconds, max_loras=engine.info.max_loras,
         analysis_seconds=settings.ab_analysis_seconds,
         feedback_ttl_seconds=settings.feedback_ttl_seconds,
     )  # fmt: skip

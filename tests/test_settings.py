@@ -66,3 +66,29 @@ def test_parallelism_settings_reach_the_engine_arguments(
     assert args.gpu_memory_utilization == 0.85
     with pytest.raises(ValueError, match="gpu_memory_utilization"):
         ServeSettings(home=tmp_path, gpu_memory_utilization=1.5)
+
+
+def test_engine_slots_default_to_one_per_sequence_on_cpu(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without --max-loras the CPU engine gets a slot for every sequence it decodes at once (no
+    request waits for a slot), a GPU engine 4; --max-loras or LORAPLEX_MAX_LORAS wins."""
+    from server import runner
+    from server.settings import GPU_DEFAULT_MAX_LORAS, engine_max_loras
+
+    default = ServeSettings(home=tmp_path, max_num_seqs=24)
+    assert default.max_loras is None
+    assert engine_max_loras(default, "cpu") == 24
+    assert engine_max_loras(default, "cuda") == GPU_DEFAULT_MAX_LORAS == 4
+    assert engine_max_loras(ServeSettings(home=tmp_path, max_loras=3), "cpu") == 3
+    monkeypatch.setenv("LORAPLEX_MAX_LORAS", "5")
+    assert engine_max_loras(ServeSettings(home=tmp_path), "cuda") == 5
+    monkeypatch.delenv("LORAPLEX_MAX_LORAS")
+    # What the engine is built with, and what the A/B router checks experiments against.
+    monkeypatch.setattr("server.engine_vllm.installed_backend", lambda: "cpu")
+    engine = runner.build_engine(default, model_dir=tmp_path)
+    assert engine.info.max_loras == 24
+    from vllm.v1.engine.async_llm import AsyncLLM
+
+    monkeypatch.setattr(AsyncLLM, "from_engine_args", staticmethod(lambda args: args))
+    assert engine._build().max_loras == 24
