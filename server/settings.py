@@ -75,7 +75,7 @@ class ServeSettings(FineTuningSettings):
 # holds a slot; with fewer slots than distinct adapters in flight, the rest wait for a running
 # request to end (bench/scaling.py, AMX Xeon, 8 slots, 64 adapters, 16 in flight: TTFT p99
 # 5.1 s, 0.70x the throughput of 8 adapters; 16 slots: 0.72 s, 0.85x). On CPU a slot costs
-# ~26 MB of RAM at rank 16 (+838 MiB RSS for 32 slots against 4), so every sequence the engine
+# ~30 MB of RAM at rank 16 (+838 MiB RSS for 32 slots against 4), so every sequence the engine
 # decodes at once gets one: no request ever waits for a slot. On GPUs slots take GPU memory.
 GPU_DEFAULT_MAX_LORAS = 4
 
