@@ -47,6 +47,8 @@ ALL_SLOTS_MIN_SHARE = 0.5
 # Batches of at most this many rows (decode steps) compute in fp32 (see the module docstring);
 # 0 turns the fp32 path off (bench/lora_cpu.py's `loraplex-model-dtype` ops).
 SMALL_BATCH_ROWS = int(os.environ.get("LORAPLEX_LORA_FP32_ROWS", "16"))
+# Sets of scattered slots whose gathered weights a layer keeps (FusedLoraWeights.gather).
+GATHERED_SETS = 4
 
 
 # -- the batch ---------------------------------------------------------------------------------
@@ -100,6 +102,11 @@ class FusedLoraWeights:
     rank: int
     slices: tuple[int, ...] = ()
     small: SmallBatchWeights | None = None
+    # Weights of scattered slots copied together, per set of slots (`gather`); a refresh makes a
+    # new object, so these never outlive the weights they were copied from.
+    gathered: dict[tuple[tuple[int, ...], bool], tuple[torch.Tensor, ...]] = field(
+        default_factory=dict
+    )
 
     @property
     def slots(self) -> int:
@@ -152,7 +159,25 @@ class FusedLoraWeights:
             self.small.copy_slots(self, slots)
         live = slots_with_weights(self.a[slots], self.b[slots])
         nonzero = (self.nonzero - set(slots)) | {slots[i] for i in live}
-        return replace(self, nonzero=frozenset(nonzero))
+        return replace(self, nonzero=frozenset(nonzero), gathered={})
+
+    def gather(
+        self, used: tuple[int, ...], small: SmallBatchWeights | None
+    ) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, ...]]:
+        """a, b (from `small` where given) and `small`'s per-slice Bs of the slots `used`, copied
+        together. Kept: a batch's set of adapters stays the same for many decode steps, and
+        copying every layer's weights of those slots at every step costs more than the product."""
+        key = (used, small is not None)
+        found = self.gathered.get(key)
+        if found is None:
+            if len(self.gathered) >= GATHERED_SETS:
+                self.gathered.clear()
+            picked = torch.tensor(used, device=self.a.device)
+            a, b = (small.a, small.b) if small is not None else (self.a, self.b)
+            parts = tuple(p.index_select(0, picked) for p in small.b_slices) if small else ()
+            found = (a.index_select(0, picked), b.index_select(0, picked), *parts)
+            self.gathered[key] = found
+        return found[0], found[1], found[2:]
 
     def _copy(
         self,
@@ -266,13 +291,12 @@ def apply_fused_lora(
     # gather only when most of that span is idle.
     span = slice(used[0], used[-1] + 1)
     slots: tuple[int, ...] = tuple(range(span.start, span.stop))
-    picked = None
     if len(used) < ALL_SLOTS_MIN_SHARE * len(slots):
         slots = used
-        picked = torch.tensor(used, device=a.device)
-        a, b = a.index_select(0, picked), b.index_select(0, picked)
+        a, b, parts = weights.gather(used, small)
     else:
         a, b = a[span], b[span]
+        parts = tuple(p[span] for p in small.b_slices) if small is not None else ()
     width = a.shape[1]
     h = x.to(a.dtype) @ a.view(-1, a.shape[-1]).T  # (rows, slots * slices * rank)
     h.view(-1, len(slots), width).mul_(layout.mask(slots, h.dtype).unsqueeze(2))
@@ -282,9 +306,8 @@ def apply_fused_lora(
     # Each slice's columns from its own dense B: h's (slot, slice, rank) columns regrouped.
     per_slice = h.view(h.shape[0], len(slots), len(small.b_slices), weights.rank)
     offset = 0
-    for i, part in enumerate(small.b_slices):
+    for i, part in enumerate(parts):
         size = part.shape[2]
-        part = part.index_select(0, picked) if picked is not None else part[span]
         hi = per_slice[:, :, i].reshape(h.shape[0], -1)
         _add_product(y[:, offset : offset + size], hi, part.view(-1, size), scale)
         offset += size

@@ -244,6 +244,32 @@ def test_fused_layer_few_slots_in_use_of_a_large_stack():
     _check_fused(indices, slots=8, slices=(OUT, 32, 32), dtype=torch.bfloat16)
 
 
+def test_gathered_slots_are_kept_until_the_weights_change(small_batch_rows):
+    """Two adapters in slots 1 and 6 of 8: their weights are copied together once and reused by
+    the next steps; a refresh (an adapter written into a slot) starts over, with the new weights."""
+    slices = (OUT, 32, 32)
+    a, b = _layer_stacks(8, slices, torch.bfloat16)
+    weights = lora_cpu_ops.FusedLoraWeights.build(a, b, slices)
+    layout = lora_cpu_ops.StepLayout.of(torch.tensor([1, 6, -1, 6]))
+    x = torch.randn(4, IN).to(torch.bfloat16)
+    y = torch.zeros(4, sum(slices), dtype=torch.bfloat16)
+    lora_cpu_ops.apply_fused_lora(y, x, layout, weights)
+    ((key, kept),) = weights.gathered.items()
+    assert key == ((1, 6), bool(small_batch_rows))
+    lora_cpu_ops.apply_fused_lora(y, x, layout, weights)
+    assert weights.gathered[key] is kept  # the next step copies nothing
+    for stack in (*a, *b):
+        stack[6] = stack[0]  # another adapter activated in slot 6
+    refreshed = weights.refresh([6], a, b, slices)
+    assert refreshed.gathered == {}
+    ours, theirs = torch.zeros_like(y), torch.zeros_like(y)
+    lora_cpu_ops.apply_fused_lora(ours, x, layout, refreshed)
+    lora_cpu_ops.apply_fused_lora(
+        theirs, x, layout, lora_cpu_ops.FusedLoraWeights.build(a, b, slices)
+    )
+    torch.testing.assert_close(ours, theirs)
+
+
 def test_fused_layer_computes_over_the_span_of_slots_in_use(small_batch_rows):
     """Slots 2-4 in use of 8 (slot 3 by base rows only): the product runs over that span, a view
     of the stacks, not over all 8 slots."""
