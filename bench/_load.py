@@ -120,9 +120,9 @@ def run_settings(settings: LoadSettings, folder: Path) -> dict[str, Any]:
     return write_report(result, folder, plots=False)
 
 
-def scenario_result(summary: dict[str, Any]) -> ScenarioResult:
-    """The bench's figures from a loadtest summary; every request must have succeeded and been
-    counted by the server (`usage`), as the figures assume."""
+def checked(summary: dict[str, Any]) -> dict[str, Any]:
+    """`summary` as given, once every request succeeded and was counted by the server
+    (`usage`), as every figure taken from it assumes."""
     overall = summary["overall"]
     completed = overall["completed"]
     problems = []
@@ -135,6 +135,13 @@ def scenario_result(summary: dict[str, Any]) -> ScenarioResult:
         problems.append(f"output tokens not all from a usage chunk: {overall['token_source']}")
     if problems:
         raise BenchRequestError("; ".join(problems))
+    return summary
+
+
+def scenario_result(summary: dict[str, Any]) -> ScenarioResult:
+    """The bench's figures from a loadtest summary (`checked` first)."""
+    overall = checked(summary)["overall"]
+    completed = overall["completed"]
     return ScenarioResult(
         requests=completed,
         concurrency=summary["settings"]["concurrency"],

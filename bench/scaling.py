@@ -35,7 +35,7 @@ if __package__ in (None, ""):  # run as a script: make `bench` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench._adapters import ensure_rank_adapters
-from bench._load import BenchRequestError, mix_settings, run_settings, write_prompts
+from bench._load import checked, mix_settings, run_settings, write_prompts
 from bench._machine import machine_info
 from bench._report import write_json
 from bench._servers import EngineSettings, free_port, loraplex_spec, running
@@ -80,12 +80,12 @@ def measure_point(
             base_url, models, mix="round-robin", requests=max(2, len(models)),
             concurrency=concurrency, max_tokens=WARMUP_MAX_TOKENS, prompts=prompts,
         )  # fmt: skip
-        _checked(run_settings(warmup, folder / "warmup"))
+        checked(run_settings(warmup, folder / "warmup"))
         measured = mix_settings(
             base_url, models, mix=mix, requests=requests, concurrency=concurrency,
             max_tokens=max_tokens, prompts=prompts,
         )  # fmt: skip
-        return _figures(_checked(run_settings(measured, folder / "measured")))
+        return _figures(checked(run_settings(measured, folder / "measured")))
 
     figures, load, attempt = on_quiet_machine(measure, opts)
     figures |= _load_json(load) | {"attempt": attempt}
@@ -96,16 +96,6 @@ def measure_point(
         f"{figures['distinct_models']} models seen, other CPU {figures['foreign_cpu_cores']}"
     )
     return figures
-
-
-def _checked(summary: dict[str, Any]) -> dict[str, Any]:
-    overall = summary["overall"]
-    if overall["failed"] or overall["completed"] != summary["sent"]:
-        raise BenchRequestError(
-            f"{overall['completed']} of {summary['sent']} requests succeeded "
-            f"(errors: {overall['errors_by_status']})"
-        )
-    return summary
 
 
 def _figures(summary: dict[str, Any]) -> dict[str, Any]:
