@@ -8,9 +8,12 @@ isolate the model's LoRA path), with LoRA ops:
              present, per op; the isolation fix alone), LM head and embedding as loraplex
   loraplex   what `loraplex serve` runs: fused per-layer products (linear layers, LM head),
              layers no adapter of the batch targets skipped, per-op replacements elsewhere;
-             decode-sized batches in fp32
+             decode-sized batches in one call of the C kernel per layer (server/lora_kernel.c)
+  loraplex-torch
+             the same with the kernel off (LORAPLEX_LORA_KERNEL=0): decode-sized batches in
+             torch, fp32 (what runs where no C compiler is there)
   loraplex-model-dtype
-             the same with every batch in the model's dtype (LORAPLEX_LORA_FP32_ROWS=0): what
+             kernel off and every batch in the model's dtype (LORAPLEX_LORA_FP32_ROWS=0): what
              the fp32 path for decode-sized batches gains
 
 Runs cycle through them `--rounds` times, the order reversed every other round, so that drift
@@ -63,7 +66,7 @@ from bench.serving import (
 )
 from loraplex.hardware import choose_dtype
 
-OPS = ("vllm", "segmented", "loraplex", "loraplex-model-dtype")
+OPS = ("vllm", "segmented", "loraplex", "loraplex-torch", "loraplex-model-dtype")
 SCENARIOS: dict[str, tuple[str | None, ...]] = {
     "base": (None,),
     "one": ALL_ADAPTER_NAMES[:1],
@@ -145,6 +148,8 @@ def _fallback_calls() -> int:
 def run_worker(config: dict[str, Any]) -> dict[str, Any]:
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # engine core in this process
     os.environ["LORAPLEX_VLLM_PATCHES"] = "0" if config["ops"] == "vllm" else "1"
+    if config["ops"] in ("loraplex-torch", "loraplex-model-dtype"):
+        os.environ["LORAPLEX_LORA_KERNEL"] = "0"
     if config["ops"] == "loraplex-model-dtype":
         os.environ["LORAPLEX_LORA_FP32_ROWS"] = "0"
     os.environ.setdefault("VLLM_TARGET_DEVICE", "cpu")

@@ -30,4 +30,10 @@ if [ "$extra" = cpu ]; then
   # their native libraries fail to load and break `transformers` imports. Text serving needs none.
   "${pip[@]}" uninstall --yes --quiet torchvision torchaudio torchcodec 2>/dev/null || true
 fi
+if [ "$extra" = cpu ]; then
+  # The CPU LoRA kernel (server/lora_kernel.c), built now rather than at the first engine start;
+  # without a C compiler the server computes LoRA in torch instead (slower), so only warn.
+  .venv/bin/python -m server.lora_kernel >/dev/null \
+    || echo "warning: no CPU LoRA kernel (needs a C compiler); LoRA will be computed in torch" >&2
+fi
 echo "==> installed; .venv/bin/loraplex is ready"

@@ -21,23 +21,34 @@ the number of small calls (vLLM's path makes 2 per slice, each gathering a weigh
 A layer whose weights are zero for every adapter in the batch (an adapter that does not target
 that module) is skipped outright.
 
-Decode-sized batches (at most `SMALL_BATCH_ROWS` rows) compute in fp32 from fp32 copies of the
-fused weights, whatever the model's dtype: on CPUs with native bf16 (AMX, AVX512-BF16) a bf16
-matmul this small costs ~25 us of fixed overhead (oneDNN) against ~5 us in fp32, and a mixed batch
-multiplies each slice's B separately (dense, slots x rank rows) instead of the block-diagonal B,
-a third of its arithmetic for q/k/v. Larger batches (prefill) keep the model's dtype, where bf16's
-throughput wins. bench/lora_ops.py and bench/lora_cpu.py measure both.
+Decode-sized batches (at most `SMALL_BATCH_ROWS` rows) take one call of a C kernel per layer
+(`server.lora_kernel`, `KernelWeights`): inside vLLM's model run each small torch call costs
+several microseconds of dispatch, and a layer's LoRA in torch is four to six of them for a few
+microseconds of arithmetic. The kernel groups rows by adapter, reads the model's own A (bf16 on
+CPUs with native bf16: half the bytes of an fp32 copy) and a compact fp32 B, computes in fp32 and
+rounds once into y. Where the kernel cannot be built (no C compiler) or is switched off
+(LORAPLEX_LORA_KERNEL=0), decode-sized batches compute in torch in fp32 from fp32 copies of the
+fused weights (`SmallBatchWeights`): on CPUs with native bf16 a bf16 matmul this small costs ~25
+us of fixed overhead (oneDNN) against ~5 us in fp32, and a mixed batch multiplies each slice's B
+separately (dense, slots x rank rows) instead of the block-diagonal B. Larger batches (prefill)
+keep torch in the model's dtype, where bf16's throughput wins. bench/lora_ops.py and
+bench/lora_cpu.py measure every path.
 """
 
 from __future__ import annotations
 
+import ctypes
 import functools
+import itertools
 import operator
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 import torch  # noqa: TID253 - runs inside vLLM's engine processes, which have torch loaded
+
+from server import lora_kernel
 
 # Compute over the span of slots from the first to the last in use (one product, a view) while at
 # least this share of the span is in use; below it, gather the slots in use first (the gather
@@ -72,6 +83,12 @@ class StepLayout:
         uniform = present[0] if len(present) == 1 and min(values) >= 0 else None
         return cls(indices=indices, rows=len(values), present=present, uniform=uniform)
 
+    @functools.cached_property
+    def row_slots(self) -> int:
+        """The address of `indices` as contiguous int64, for the C kernel (kept alive here)."""
+        self._row_slots = self.indices.to(torch.int64).contiguous()
+        return self._row_slots.data_ptr()
+
     def mask(self, slots: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         """(rows, len(slots)): 1 where the row uses that slot."""
         key = (slots, dtype)
@@ -102,6 +119,7 @@ class FusedLoraWeights:
     rank: int
     slices: tuple[int, ...] = ()
     small: SmallBatchWeights | None = None
+    kernel: KernelWeights | None = None
     # Weights of scattered slots copied together, per set of slots (`gather`); a refresh makes a
     # new object, so these never outlive the weights they were copied from.
     gathered: dict[tuple[tuple[int, ...], bool], tuple[torch.Tensor, ...]] = field(
@@ -135,8 +153,13 @@ class FusedLoraWeights:
         b = a.new_zeros((slots, len(b_parts) * rank, sum(output_slices)))
         fused = cls(a=a, b=b, nonzero=frozenset(), rank=rank, slices=tuple(output_slices))
         fused._copy(slice(None), a_parts, b_parts, output_slices)
-        small = SmallBatchWeights.of(fused) if SMALL_BATCH_ROWS and rank else None
-        return replace(fused, nonzero=slots_with_weights(fused.a, fused.b), small=small)
+        fused = replace(fused, nonzero=slots_with_weights(fused.a, fused.b))
+        if not (SMALL_BATCH_ROWS and rank):
+            return fused
+        library = lora_kernel.library()
+        if library is not None and fused.a.dtype in lora_kernel.DTYPES:
+            return replace(fused, kernel=KernelWeights.of(fused, library))
+        return replace(fused, small=SmallBatchWeights.of(fused))
 
     def refresh(
         self,
@@ -158,8 +181,10 @@ class FusedLoraWeights:
         if self.small is not None:
             self.small.copy_slots(self, slots)
         live = slots_with_weights(self.a[slots], self.b[slots])
-        nonzero = (self.nonzero - set(slots)) | {slots[i] for i in live}
-        return replace(self, nonzero=frozenset(nonzero), gathered={})
+        nonzero = frozenset((self.nonzero - set(slots)) | {slots[i] for i in live})
+        if self.kernel is not None:
+            self.kernel.copy_slots(self, slots, nonzero)
+        return replace(self, nonzero=nonzero, gathered={})
 
     def gather(
         self, used: tuple[int, ...], small: SmallBatchWeights | None
@@ -240,6 +265,60 @@ class SmallBatchWeights:
             offset += size
 
 
+@dataclass(frozen=True, eq=False)
+class KernelWeights:
+    """A layer's weights as the C kernel (`server.lora_kernel`) reads them, for decode-sized
+    batches: a is `FusedLoraWeights.a` itself (no copy); b compact, (slots, rank, out) fp32: the
+    block-diagonal B's blocks summed, so output slice i takes its coefficients from A's rows
+    i*rank.. (no zeros multiplied), in fp32 because the kernel's expand step multiplies fp32 (a
+    bf16 B would cost a conversion per multiply-add); live: (slots,) 1 where the slot holds
+    weights for this layer; offsets: where each output slice starts, then out."""
+
+    a: torch.Tensor
+    b: torch.Tensor
+    live: torch.Tensor
+    offsets: torch.Tensor
+    layer: lora_kernel.Layer
+    call: Callable[..., int]  # the kernel's entry point
+    ref: Any  # ctypes pointer to `layer`, made once
+
+    @classmethod
+    def of(cls, fused: FusedLoraWeights, library: ctypes.CDLL) -> KernelWeights:
+        b = fused.a.new_zeros((fused.slots, fused.rank, fused.out_features), dtype=torch.float32)
+        live = torch.zeros(fused.slots, dtype=torch.uint8)
+        offsets = torch.tensor((0, *itertools.accumulate(fused.slices)), dtype=torch.int64)
+        layer = lora_kernel.layer(fused.a, b, live, offsets, fused.rank)
+        kernel = cls(
+            fused.a, b, live, offsets, layer, library.loraplex_lora_rows, ctypes.pointer(layer)
+        )
+        kernel.copy_slots(fused, slice(None), fused.nonzero)
+        return kernel
+
+    def copy_slots(
+        self, fused: FusedLoraWeights, slots: list[int] | slice, nonzero: frozenset[int]
+    ) -> None:
+        """Copy `slots` of `fused` (just written) in, in place; `nonzero`: the slots live now."""
+        blocks = fused.b[slots].unflatten(1, (len(fused.slices), fused.rank))
+        self.b[slots] = blocks.sum(1).to(torch.float32)  # the blocks do not overlap: exact
+        self.live.zero_()
+        self.live[sorted(nonzero)] = 1
+
+    def apply(self, y: torch.Tensor, x: torch.Tensor, layout: StepLayout, scale: float) -> bool:
+        """y[:, :out] += scale * x @ A[slot]^T @ B[slot] per row, in one C call; False (nothing
+        done) where the kernel does not take these tensors. Kept to few Python operations: it
+        runs for every LoRA layer of every decode step."""
+        code = lora_kernel.DTYPES.get(y.dtype)
+        if code is None or x.dtype is not y.dtype or y.stride(1) != 1 or x.stride(1) != 1:
+            return False
+        done = self.call(
+            y.data_ptr(), y.stride(0), x.data_ptr(), x.stride(0), code, layout.row_slots,
+            layout.rows, scale, self.ref,
+        )  # fmt: skip
+        if done != 0:
+            raise RuntimeError(f"CPU LoRA kernel failed ({done})")
+        return True
+
+
 def slots_with_weights(*stacks: torch.Tensor) -> frozenset[int]:
     """The indices along dim 0 where every one of `stacks` (same first dim) has a non-zero."""
     if any(t[0].numel() == 0 for t in stacks if len(t)):
@@ -276,7 +355,10 @@ def apply_fused_lora(
     the whole batch is on one adapter, three (small mixed batches: two plus one per slice)
     otherwise.
     """
-    small = weights.small if layout.rows <= SMALL_BATCH_ROWS else None
+    decode = layout.rows <= SMALL_BATCH_ROWS
+    if decode and weights.kernel is not None and weights.kernel.apply(y, x, layout, scale):
+        return  # rows whose slot has no weights here are skipped inside
+    small = weights.small if decode else None
     a, b = (small.a, small.b) if small is not None else (weights.a, weights.b)
     if layout.uniform is not None:
         if layout.uniform not in weights.nonzero:

@@ -16,7 +16,8 @@ Patch 2, speed: the wrapper's `add_lora_linear` (every LoRA-wrapped linear layer
 `add_lora_logits` (the LM head) compute a layer's LoRA for all its slices in a few fused products
 (`lora_cpu_ops.apply_fused_lora`), from the batch's slot layout computed once per step
 (`update_metadata`) and fused weights cached per layer, refreshed for the slot an adapter is
-activated in. vLLM wraps every layer it can (MLP, LM head, embedding) whatever the adapters
+activated in; decode-sized batches go through one call of a C kernel per layer
+(`server.lora_kernel`). vLLM wraps every layer it can (MLP, LM head, embedding) whatever the adapters
 target; a layer for which no adapter of the batch has weights is skipped. Rows without an adapter
 stay exact (patch 1 holds). Should the fused path fail, the call takes the per-op path.
 """

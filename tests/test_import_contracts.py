@@ -22,8 +22,13 @@ HEAVY = {"torch", "transformers", "peft", "trl", "bitsandbytes", "accelerate", "
 
 # Modules allowed to import vLLM (the engine, the plugin vLLM loads, the ops that plugin installs).
 VLLM_MODULES = {"server/engine_vllm.py", "server/vllm_patches.py", "server/lora_cpu_ops.py"}
-# Modules allowed to import torch & co. besides those: the one-time model conversion, the probe.
-TORCH_MODULES = VLLM_MODULES | {"server/embedded_model.py", "loraplex/hardware.py"}
+# Modules allowed to import torch & co. besides those: the one-time model conversion, the probe,
+# and the CPU LoRA kernel's loader (it runs in the same engine processes as the ops).
+TORCH_MODULES = VLLM_MODULES | {
+    "server/embedded_model.py",
+    "loraplex/hardware.py",
+    "server/lora_kernel.py",
+}
 
 
 def imports_of(path: Path) -> set[str]:

@@ -12,7 +12,7 @@ import pytest
 torch = pytest.importorskip("torch")
 vllm_ops = pytest.importorskip("vllm.lora.ops.torch_ops")
 
-from server import lora_cpu_ops, vllm_patches  # noqa: E402
+from server import lora_cpu_ops, lora_kernel, vllm_patches  # noqa: E402
 
 SLOTS, IN, OUT = 4, 64, 96
 
@@ -189,10 +189,29 @@ def _check_fused(indices, *, slots, slices, dtype, scale=1.0, empty=()):
     return ours, y0
 
 
+def _without_kernel(monkeypatch):
+    monkeypatch.setattr(lora_kernel, "library", lambda: None)
+
+
+@pytest.fixture(params=["kernel", "fp32-small-batches", "model-dtype"])
+def compute_path(request, monkeypatch):
+    """Every compute path for every batch: the C kernel (decode-sized batches where it builds),
+    torch in fp32 (decode-sized batches without the kernel; per-slice B when mixed) and torch in
+    the model's dtype (larger batches)."""
+    if request.param == "kernel" and lora_kernel.library() is None:
+        pytest.fail("the CPU LoRA kernel did not build here (see the log)")
+    if request.param != "kernel":
+        _without_kernel(monkeypatch)
+    monkeypatch.setattr(
+        lora_cpu_ops, "SMALL_BATCH_ROWS", 0 if request.param == "model-dtype" else 10_000
+    )
+    return request.param
+
+
 @pytest.fixture(params=["fp32-small-batches", "model-dtype"])
 def small_batch_rows(request, monkeypatch):
-    """Both compute paths for every batch: fp32 (decode-sized batches; per-slice B when mixed)
-    and the model's dtype (larger batches)."""
+    """The torch paths (no kernel): fp32 (decode-sized batches) and the model's dtype."""
+    _without_kernel(monkeypatch)
     rows = 10_000 if request.param == "fp32-small-batches" else 0
     monkeypatch.setattr(lora_cpu_ops, "SMALL_BATCH_ROWS", rows)
     return rows
@@ -202,15 +221,17 @@ def small_batch_rows(request, monkeypatch):
 @pytest.mark.parametrize("slots", [1, 2, 4, 8])
 @pytest.mark.parametrize("slices", [(OUT,), (OUT, 32, 32)], ids=["one-slice", "qkv"])
 def test_fused_layer_matches_vllm_for_1_to_8_adapters_mixed_ranks_and_base_rows(
-    dtype, slots, slices, small_batch_rows
+    dtype, slots, slices, compute_path
 ):
     indices = torch.tensor([i % (slots + 1) - 1 for i in range(3 * slots + 2)])  # -1 included
     _check_fused(indices, slots=slots, slices=slices, dtype=dtype, scale=0.5)
 
 
 def test_small_batches_compute_in_fp32_from_fp32_copies(monkeypatch):
-    """A decode-sized batch of a bf16 model takes the fp32 copies (the layer's product is the
-    fp32 one, rounded once into y); with the fp32 path off, no copies are kept."""
+    """Without the kernel, a decode-sized batch of a bf16 model takes the fp32 copies (the
+    layer's product is the fp32 one, rounded once into y); with the fp32 path off, no copies are
+    kept."""
+    _without_kernel(monkeypatch)
     slices = (OUT, 32, 32)
     a, b = _layer_stacks(4, slices, torch.bfloat16)
     weights = lora_cpu_ops.FusedLoraWeights.build(a, b, slices)
@@ -232,12 +253,12 @@ def test_small_batches_compute_in_fp32_from_fp32_copies(monkeypatch):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_fused_layer_one_adapter_for_the_whole_batch(dtype):
+def test_fused_layer_one_adapter_for_the_whole_batch(dtype, compute_path):
     indices = torch.full((6,), 2)
     _check_fused(indices, slots=4, slices=(OUT, 32, 32), dtype=dtype)
 
 
-def test_fused_layer_few_slots_in_use_of_a_large_stack():
+def test_fused_layer_few_slots_in_use_of_a_large_stack(compute_path):
     """Two adapters in use of 8 slots: below ALL_SLOTS_MIN_SHARE, the slots in use are gathered."""
     indices = torch.tensor([5, -1, 1, 5, 1, -1, 1])
     assert 2 < lora_cpu_ops.ALL_SLOTS_MIN_SHARE * 8
@@ -270,7 +291,7 @@ def test_gathered_slots_are_kept_until_the_weights_change(small_batch_rows):
     torch.testing.assert_close(ours, theirs)
 
 
-def test_fused_layer_computes_over_the_span_of_slots_in_use(small_batch_rows):
+def test_fused_layer_computes_over_the_span_of_slots_in_use(compute_path):
     """Slots 2-4 in use of 8 (slot 3 by base rows only): the product runs over that span, a view
     of the stacks, not over all 8 slots."""
     indices = torch.tensor([2, -1, 4, 2, 4, -1, 2])
@@ -278,13 +299,13 @@ def test_fused_layer_computes_over_the_span_of_slots_in_use(small_batch_rows):
     _check_fused(indices, slots=8, slices=(OUT, 32, 32), dtype=torch.bfloat16)
 
 
-def test_fused_layer_prefill_rows_one_per_token():
+def test_fused_layer_prefill_rows_one_per_token(compute_path):
     """Prefill: rows are tokens, several per sequence, sequences on different adapters."""
     indices = torch.repeat_interleave(torch.tensor([1, -1, 0, 3]), torch.tensor([5, 3, 7, 2]))
     _check_fused(indices, slots=4, slices=(OUT, 32, 32), dtype=torch.bfloat16)
 
 
-def test_fused_layer_skips_adapters_without_weights_for_it():
+def test_fused_layer_skips_adapters_without_weights_for_it(compute_path):
     """An adapter that does not target this module has zero weights here: the layer is left as
     it is (the same as adding zero, without computing it)."""
     indices = torch.tensor([0, 2, 0, 2])
@@ -300,6 +321,137 @@ def test_fused_layer_skips_adapters_without_weights_for_it():
     # and mixed with an adapter that has weights, the others' rows stay exact
     _check_fused(torch.tensor([0, 1, 2, 3, -1]), slots=4, slices=(OUT,), dtype=torch.float32,
                  empty=(0, 2))  # fmt: skip
+
+
+# -- the C kernel ---------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def kernel_on(monkeypatch):
+    if lora_kernel.library() is None:
+        pytest.fail("the CPU LoRA kernel did not build here (see the log)")
+    monkeypatch.setattr(lora_cpu_ops, "SMALL_BATCH_ROWS", 10_000)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_kernel_reads_the_models_a_and_a_compact_fp32_b(dtype, kernel_on):
+    """The kernel multiplies the fused A itself (no copy) and B with the blocks of the block-
+    diagonal B side by side (fp32); a refresh rewrites both for the slot, in place."""
+    slices = (OUT, 32, 32)
+    a, b = _layer_stacks(4, slices, dtype, empty=(2,))
+    weights = lora_cpu_ops.FusedLoraWeights.build(a, b, slices)
+    kernel = weights.kernel
+    assert kernel is not None and weights.small is None
+    assert kernel.a is weights.a and kernel.b.dtype == torch.float32
+    rank, offset = weights.rank, 0
+    for i, size in enumerate(slices):
+        block = weights.b[:, i * rank : (i + 1) * rank, offset : offset + size]
+        assert torch.equal(kernel.b[:, :, offset : offset + size], block.float())
+        offset += size
+    assert kernel.live.tolist() == [1, 1, 0, 1] and kernel.offsets.tolist() == [0, 96, 128, 160]
+    for stack in (*a, *b):
+        stack[2], stack[0] = stack[1], 0  # an adapter into slot 2; slot 0 emptied
+    refreshed = weights.refresh([0, 2], a, b, slices)
+    assert refreshed.kernel is kernel and kernel.live.tolist() == [0, 1, 1, 1]
+    assert torch.equal(kernel.b[2], kernel.b[1]) and not kernel.b[0].any()
+    _check_fused(torch.tensor([0, 2, 1, -1]), slots=4, slices=slices, dtype=dtype)
+
+
+@pytest.mark.parametrize("in_features", [64, 70, 7])
+@pytest.mark.parametrize("rank", [1, 5, 16])
+def test_kernel_odd_sizes(in_features, rank, kernel_on):
+    """Input sizes and ranks that are not multiples of the kernel's vector widths (32 bf16, 16
+    fp32 values, blocks of 4 A rows, 64 output columns): the tails must be right too."""
+    slices, slots = (OUT, 70, 3), 3
+    g = torch.Generator().manual_seed(rank)
+    a = tuple(torch.zeros(slots, 1, 16, in_features) for _ in slices)
+    b = tuple(torch.zeros(slots, 1, out, 16) for out in slices)
+    for slot in range(slots):
+        for a_i, b_i in zip(a, b, strict=True):
+            a_i[slot, 0, :rank] = torch.randn(rank, in_features, generator=g) * 0.3
+            b_i[slot, 0, :, :rank] = torch.randn(b_i.shape[2], rank, generator=g) * 0.3
+    indices = torch.tensor([2, 0, -1, 2, 1])
+    for dtype in (torch.float32, torch.bfloat16):
+        a_d, b_d = tuple(t.to(dtype) for t in a), tuple(t.to(dtype) for t in b)
+        x = torch.randn(len(indices), in_features, generator=g).to(dtype)
+        y0 = torch.randn(len(indices), sum(slices) + 5, generator=g).to(dtype)  # wider than out
+        ours = y0.clone()
+        weights = lora_cpu_ops.FusedLoraWeights.build(a_d, b_d, slices)
+        assert weights.kernel is not None
+        lora_cpu_ops.apply_fused_lora(ours, x, lora_cpu_ops.StepLayout.of(indices), weights)
+        expected = y0.double()  # exact from the same (rounded) inputs
+        for row, slot in enumerate(indices.tolist()):
+            if slot < 0:
+                continue
+            offset = 0
+            for a_i, b_i, size in zip(a_d, b_d, slices, strict=True):
+                h = x[row].double() @ a_i[slot, 0].double().T
+                expected[row, offset : offset + size] += h @ b_i[slot, 0].double().T
+                offset += size
+        fp32 = dtype == torch.float32  # bf16: the sum's one rounding into y
+        torch.testing.assert_close(ours.double(), expected, rtol=1e-5 if fp32 else 8e-3,
+                                   atol=1e-4 if fp32 else 1e-2)  # fmt: skip
+        assert torch.equal(ours[indices < 0], y0[indices < 0])
+        assert torch.equal(ours[:, -5:], y0[:, -5:])
+
+
+def test_kernel_gives_the_same_bits_on_one_thread_and_on_two(kernel_on):
+    """Big enough to be split over torch's threads: each output is computed by the same code
+    whichever thread takes it, so the result does not depend on the thread count."""
+    slices = (OUT, 32, 32)
+    a, b = _layer_stacks(8, slices, torch.bfloat16)
+    weights = lora_cpu_ops.FusedLoraWeights.build(a, b, slices)
+    indices = torch.tensor([i % 9 - 1 for i in range(16)])
+    x = torch.randn(len(indices), IN).to(torch.bfloat16)
+    results, threads = [], torch.get_num_threads()
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            y = torch.zeros(len(indices), sum(slices), dtype=torch.bfloat16)
+            lora_cpu_ops.apply_fused_lora(y, x, lora_cpu_ops.StepLayout.of(indices), weights)
+            results.append(y)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(results[0], results[1]) and results[0].any()
+
+
+def test_kernel_not_taken_for_tensors_it_does_not_handle(kernel_on):
+    """fp16, or x in another dtype than y: the torch path, with the same result."""
+    slices = (OUT,)
+    a, b = _layer_stacks(2, slices, torch.float32)
+    weights = lora_cpu_ops.FusedLoraWeights.build(a, b, slices)
+    layout = lora_cpu_ops.StepLayout.of(torch.tensor([0, 1, -1]))
+    y = torch.zeros(3, OUT, dtype=torch.float16)
+    assert not weights.kernel.apply(y, torch.randn(3, IN).half(), layout, 1.0)
+    assert not weights.kernel.apply(torch.zeros(3, OUT), torch.randn(3, IN).half(), layout, 1.0)
+    assert not y.any()
+
+
+def test_kernel_builds_once_per_source_and_can_be_switched_off(tmp_path, monkeypatch):
+    built = lora_kernel.build(tmp_path)
+    assert built.parent == tmp_path and built.name.startswith("lora_kernel-")
+    stamp = built.stat().st_mtime_ns
+    assert lora_kernel.build(tmp_path) == built and built.stat().st_mtime_ns == stamp
+    assert [p.name for p in tmp_path.iterdir()] == [built.name]  # no leftovers
+    monkeypatch.setenv(lora_kernel.ENV_SWITCH, "0")
+    lora_kernel.library.cache_clear()
+    try:
+        assert lora_kernel.library() is None
+        a, b = _layer_stacks(2, (OUT,), torch.float32)
+        assert lora_cpu_ops.FusedLoraWeights.build(a, b, (OUT,)).kernel is None
+    finally:
+        monkeypatch.delenv(lora_kernel.ENV_SWITCH)
+        lora_kernel.library.cache_clear()
+
+
+def test_kernel_missing_compiler_means_torch(tmp_path, monkeypatch):
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
+    monkeypatch.setenv(lora_kernel.ENV_DIR, str(tmp_path))
+    lora_kernel.library.cache_clear()
+    try:
+        assert lora_kernel.library() is None
+    finally:
+        lora_kernel.library.cache_clear()
 
 
 def test_step_layout():
@@ -371,9 +523,11 @@ def test_patched_add_lora_linear_refreshes_fused_weights_for_the_slot_activated(
     assert wrapper.fallback_calls == 1
 
 
-def test_fused_weights_refresh_a_slot():
+def test_fused_weights_refresh_a_slot(monkeypatch):
     """An adapter replaced in one slot: refreshed in place; a larger rank or a layer that had no
-    weights at all takes a full build; a slot emptied leaves `nonzero`."""
+    weights at all takes a full build; a slot emptied leaves `nonzero`. (The torch path's fp32
+    copies; test_kernel_reads_the_models_a_and_a_compact_fp32_b has the kernel's.)"""
+    _without_kernel(monkeypatch)
     slices = (OUT, 32, 32)
     a, b = _layer_stacks(3, slices, torch.bfloat16, empty=(2,))  # ranks 8, 16, -
     fused = lora_cpu_ops.FusedLoraWeights.build(a, b, slices)

@@ -1,0 +1,156 @@
+"""The CPU LoRA kernel: one C call per LoRA layer for decode-sized batches (`lora_kernel.c`).
+
+Inside vLLM's model run every small torch call costs several microseconds of dispatch, and a
+layer's LoRA in torch is four to six of them (convert, shrink, mask, expand per slice, add) for
+what is a few microseconds of arithmetic. The kernel does the whole layer, every row on its own
+adapter, in one call through ctypes (no torch headers, so it builds in about a second with the
+machine's C compiler).
+
+Built on first use (or ahead of time: `python -m server.lora_kernel`, which scripts/install.sh
+runs) into a cache folder (LORAPLEX_KERNEL_DIR, default ~/.cache/loraplex) under a name that
+carries the hash of its source and compiler, so a changed source is never run stale. Where no C
+compiler is there, or LORAPLEX_LORA_KERNEL=0, `library()` is None and `server.lora_cpu_ops`
+computes in torch.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch  # noqa: TID253 - runs inside vLLM's engine processes, which have torch loaded
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("lora_kernel.c")
+ENV_SWITCH = "LORAPLEX_LORA_KERNEL"  # "0": never build or load it
+ENV_DIR = "LORAPLEX_KERNEL_DIR"  # where the built library goes (default: ~/.cache/loraplex)
+DTYPES = {torch.float32: 0, torch.bfloat16: 1}  # the kernel's dtype codes
+
+
+class Layer(ctypes.Structure):
+    """`loraplex_layer` of lora_kernel.c, field for field."""
+
+    _fields_ = [
+        ("a", ctypes.c_void_p),
+        ("b", ctypes.c_void_p),
+        ("live", ctypes.c_void_p),
+        ("slots", ctypes.c_int64),
+        ("in_features", ctypes.c_int64),
+        ("out", ctypes.c_int64),
+        ("rank", ctypes.c_int64),
+        ("slices", ctypes.c_int64),
+        ("offsets", ctypes.c_void_p),
+        ("dtype", ctypes.c_int64),
+    ]
+
+
+def _compiler() -> str | None:
+    return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+
+
+def _library_name(compiler: str) -> str:
+    version = subprocess.run(
+        [compiler, "--version"], capture_output=True, text=True, check=False
+    ).stdout.split("\n", 1)[0]
+    digest = hashlib.sha256(SOURCE.read_bytes() + version.encode()).hexdigest()[:16]
+    return f"lora_kernel-{platform.machine()}-{digest}.so"
+
+
+def build_dir() -> Path:
+    configured = os.environ.get(ENV_DIR)
+    if configured:
+        return Path(configured)
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "loraplex"
+
+
+def build(directory: Path | None = None) -> Path:
+    """Compile the kernel into `directory` (default `build_dir()`) unless it is there already;
+    the library's path. Raises RuntimeError without a C compiler or when compiling fails."""
+    compiler = _compiler()
+    if compiler is None:
+        raise RuntimeError("no C compiler (cc, gcc or $CC) to build the CPU LoRA kernel")
+    directory = directory or build_dir()
+    target = directory / _library_name(compiler)
+    if target.exists():
+        return target
+    directory.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=directory) as tmp:  # several processes may build at once
+        built = Path(tmp) / target.name
+        cmd = [compiler, "-O3", "-std=gnu11", "-shared", "-fPIC", "-o", str(built), str(SOURCE)]
+        done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        if done.returncode != 0:
+            raise RuntimeError(f"building the CPU LoRA kernel failed: {done.stderr.strip()}")
+        os.replace(built, target)
+    return target
+
+
+@functools.cache
+def library() -> ctypes.CDLL | None:
+    """The loaded kernel (built first if needed), or None where it cannot be: then the caller
+    computes in torch. Says why once, in the log."""
+    if os.environ.get(ENV_SWITCH) == "0":
+        return None
+    try:
+        path = build()
+        lib = ctypes.CDLL(str(path))
+    except (OSError, RuntimeError) as e:
+        log.warning("loraplex: CPU LoRA kernel unavailable, LoRA computed in torch: %s", e)
+        return None
+    fn = lib.loraplex_lora_rows
+    fn.restype = ctypes.c_int
+    # y, y's row stride, x, x's row stride, dtype, row slots, rows, scale, layer
+    fn.argtypes = [
+        ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int,
+        ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.POINTER(Layer),
+    ]  # fmt: skip
+    openmp = _torch_openmp()
+    if openmp is not None:
+        lib.loraplex_set_openmp.argtypes = [ctypes.c_void_p] * len(openmp)
+        lib.loraplex_set_openmp(*openmp)
+    return lib
+
+
+def _torch_openmp() -> tuple[int, ...] | None:
+    """The addresses of GOMP_parallel, GOMP_barrier, omp_get_thread_num, omp_get_num_threads
+    and omp_get_max_threads in the OpenMP runtime torch loaded (its wheel carries libgomp), so
+    the kernel runs on torch's own threads; None (one thread) where torch uses another."""
+    if "OpenMP" not in torch.__config__.parallel_info():
+        return None
+    found = sorted(Path(torch.__file__).parent.joinpath("lib").glob("libgomp*.so*"))
+    names = ("GOMP_parallel", "GOMP_barrier", "omp_get_thread_num", "omp_get_num_threads",
+             "omp_get_max_threads")  # fmt: skip
+    for path in [*found, None]:  # None: the process's own symbols (a system libgomp)
+        try:
+            gomp = ctypes.CDLL(str(path) if path else None, mode=os.RTLD_NOLOAD | os.RTLD_GLOBAL)
+            return tuple(ctypes.cast(getattr(gomp, n), ctypes.c_void_p).value for n in names)
+        except (OSError, AttributeError):
+            continue
+    return None
+
+
+def layer(
+    a: torch.Tensor, b: torch.Tensor, live: torch.Tensor, offsets: torch.Tensor, rank: int
+) -> Layer:
+    """The kernel's view of a layer's weights: a (slots, slices * rank, in), fp32 or bf16, and b
+    (slots, rank, out) fp32, both contiguous; live (slots,) uint8; offsets (slices + 1,) int64.
+    The tensors must outlive the result (it holds their addresses)."""
+    if not (a.dtype in DTYPES and b.dtype == torch.float32 and a.is_contiguous()
+            and b.is_contiguous() and live.dtype == torch.uint8 and offsets.dtype == torch.int64):
+        raise ValueError("CPU LoRA kernel: weights of an unexpected dtype or layout")  # fmt: skip
+    return Layer(
+        a.data_ptr(), b.data_ptr(), live.data_ptr(), a.shape[0], a.shape[2], b.shape[2], rank,
+        offsets.numel() - 1, offsets.data_ptr(), DTYPES[a.dtype],
+    )  # fmt: skip
+
+
+if __name__ == "__main__":
+    print(build())
