@@ -11,7 +11,10 @@ worker, for these implementations:
   segmented  server.lora_cpu_ops per-op replacements (one matmul per adapter present, per op)
   loraplex   server.lora_cpu_ops fused layer products (all slices of a layer at once; the batch's
              slot layout once per step, fused weights once per adapter activation), as
-             `loraplex serve` runs them
+             `loraplex serve` runs them: decode-sized batches in one call of the C kernel
+             (server/lora_kernel.c) per layer
+  loraplex-torch
+             the same without the kernel (torch, fp32 for decode-sized batches)
   harness    no LoRA at all: the replay's own cost (buffer allocation), to subtract
 
 and for decode (8 rows) and prefill (8 prompts of 40 tokens) batches with rows on no adapter,
@@ -58,19 +61,27 @@ class Ops:
 
 
 class Fused:
-    """server.lora_cpu_ops' fused layer products, as the patched `add_lora_linear` runs them."""
+    """server.lora_cpu_ops' fused layer products, as the patched `add_lora_linear` runs them;
+    `kernel=False`: as they run where the C kernel is not there."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, kernel: bool = True) -> None:
         self._weights: dict[int, Any] = {}
+        self._kernel = kernel
 
     def weights(self, layer: Layer) -> Any:
+        from server import lora_kernel
         from server.lora_cpu_ops import FusedLoraWeights
 
         found = self._weights.get(id(layer))
         if found is None:  # built once per adapter activation in the engine
-            found = self._weights[id(layer)] = FusedLoraWeights.build(
-                layer.a, layer.b, layer.slices
-            )
+            library = lora_kernel.library
+            if not self._kernel:
+                lora_kernel.library = lambda: None
+            try:
+                found = FusedLoraWeights.build(layer.a, layer.b, layer.slices)
+            finally:
+                lora_kernel.library = library
+            self._weights[id(layer)] = found
         return found
 
 
@@ -87,6 +98,7 @@ def implementations() -> dict[str, Ops | Fused]:
         "vllm": Ops(stock.bgmv_shrink, stock.bgmv_expand_slice),
         "segmented": Ops(lora_cpu_ops.bgmv_shrink, lora_cpu_ops.bgmv_expand_slice),
         "loraplex": Fused(),
+        "loraplex-torch": Fused(kernel=False),
         "harness": Ops(_no_op, _no_op),  # the replay's own cost (buffers), to subtract
     }
 

@@ -272,12 +272,15 @@ class KernelWeights:
     block-diagonal B's blocks summed, so output slice i takes its coefficients from A's rows
     i*rank.. (no zeros multiplied), in fp32 because the kernel's expand step multiplies fp32 (a
     bf16 B would cost a conversion per multiply-add); live: (slots,) 1 where the slot holds
-    weights for this layer; offsets: where each output slice starts, then out."""
+    weights for this layer; offsets: where each output slice starts, then out; ranks: (slots,)
+    the rank each slot's adapter uses, so a rank-8 adapter next to a rank-64 one costs rank 8
+    (the fused weights are padded to the largest)."""
 
     a: torch.Tensor
     b: torch.Tensor
     live: torch.Tensor
     offsets: torch.Tensor
+    ranks: torch.Tensor
     layer: lora_kernel.Layer
     call: Callable[..., int]  # the kernel's entry point
     ref: Any  # ctypes pointer to `layer`, made once
@@ -287,10 +290,10 @@ class KernelWeights:
         b = fused.a.new_zeros((fused.slots, fused.rank, fused.out_features), dtype=torch.float32)
         live = torch.zeros(fused.slots, dtype=torch.uint8)
         offsets = torch.tensor((0, *itertools.accumulate(fused.slices)), dtype=torch.int64)
-        layer = lora_kernel.layer(fused.a, b, live, offsets, fused.rank)
-        kernel = cls(
-            fused.a, b, live, offsets, layer, library.loraplex_lora_rows, ctypes.pointer(layer)
-        )
+        ranks = torch.zeros(fused.slots, dtype=torch.int64)
+        layer = lora_kernel.layer(fused.a, b, live, offsets, ranks, fused.rank)
+        call, ref = library.loraplex_lora_rows, ctypes.pointer(layer)
+        kernel = cls(fused.a, b, live, offsets, ranks, layer, call, ref)
         kernel.copy_slots(fused, slice(None), fused.nonzero)
         return kernel
 
@@ -300,6 +303,11 @@ class KernelWeights:
         """Copy `slots` of `fused` (just written) in, in place; `nonzero`: the slots live now."""
         blocks = fused.b[slots].unflatten(1, (len(fused.slices), fused.rank))
         self.b[slots] = blocks.sum(1).to(torch.float32)  # the blocks do not overlap: exact
+        # a rank index is in use where some slice's A row and B column are non-zero
+        a_rows = fused.a[slots].unflatten(1, (len(fused.slices), fused.rank)).abs().amax(3) > 0
+        used = (a_rows & (blocks.abs().amax(3) > 0)).any(1)  # (slots, rank)
+        last = fused.rank - used.flip(1).to(torch.int8).argmax(1)
+        self.ranks[slots] = torch.where(used.any(1), last, 0)
         self.live.zero_()
         self.live[sorted(nonzero)] = 1
 

@@ -38,6 +38,8 @@ typedef struct {
     int64_t slots, in, out, rank, slices;
     const int64_t *offsets; /* (slices + 1,) column where each output slice starts, then out */
     int64_t dtype;          /* of a */
+    const int64_t *ranks;   /* (slots,) the rank each slot's adapter uses (<= rank): rows of A
+                               and B past it are zero padding, neither read nor multiplied */
 } loraplex_layer;
 
 /* libgomp's entry points, as torch loaded them (NULL: one thread). */
@@ -77,14 +79,14 @@ static inline __attribute__((always_inline)) float weight(const void *w, int64_t
     return bf16 ? bf16_to_f32(((const uint16_t *)w)[i]) : ((const float *)w)[i];
 }
 
-/* h[j * width + k] = scale * (A[k] . x[j]) for k in [k0, k0 + 4) (clipped to width), j < n:
- * four rows of A at a time, so each load of x feeds four independent accumulator chains. */
+/* h[j * width + k] = scale * (A[k] . x[j]) for k in [k0, k0 + count), count <= 4, j < n: four
+ * rows of A at a time, so each load of x feeds four independent accumulator chains. */
 static inline __attribute__((always_inline)) void shrink4(float *restrict h, const void *a,
                                                           const float *restrict x, int64_t n,
-                                                          int64_t k0, int64_t width, int64_t in,
-                                                          float scale, int bf16) {
-    if (k0 + 4 > width) {
-        for (int64_t k = k0; k < width; k++)
+                                                          int64_t k0, int64_t count, int64_t width,
+                                                          int64_t in, float scale, int bf16) {
+    if (count < 4) {
+        for (int64_t k = k0; k < k0 + count; k++)
             for (int64_t j = 0; j < n; j++) {
                 float sum = 0;
                 for (int64_t i = 0; i < in; i++) sum += weight(a, k * in + i, bf16) * x[j * in + i];
@@ -185,19 +187,24 @@ typedef struct {
 static inline __attribute__((always_inline)) void run_share(const work *w, int thread,
                                                             int threads, int bf16) {
     const loraplex_layer *L = w->layer;
-    const int64_t blocks = (w->width + 3) / 4, in = L->in, out = L->out, rank = L->rank;
+    const int64_t in = L->in, out = L->out, rank = L->rank;
+    const int64_t per_slice = (rank + 3) / 4, blocks = L->slices * per_slice;
     for (int64_t item = thread; item < w->shrink_items; item += threads) {
-        const int64_t g = item / blocks, first = w->group_start[g];
+        const int64_t g = item / blocks, block = item % blocks, first = w->group_start[g];
+        const int64_t used = L->ranks[w->group_slot[g]], kb = (block % per_slice) * 4;
+        if (kb >= used) continue; /* zero padding of a lower-rank adapter */
         const void *a = (const char *)L->a + w->group_slot[g] * w->width * in * (bf16 ? 2 : 4);
-        const int64_t n = w->group_start[g + 1] - first, k0 = (item % blocks) * 4;
+        const int64_t n = w->group_start[g + 1] - first, k0 = (block / per_slice) * rank + kb;
+        const int64_t count = used - kb < 4 ? used - kb : 4;
 #ifdef X86
-        if (w->xb && k0 + 4 <= w->width) {
+        if (w->xb && count == 4) {
             shrink4_dpbf16(w->h + first * w->width, a, w->xb + first * in, n, k0, w->width, in,
                            w->scale);
             continue;
         }
 #endif
-        shrink4(w->h + first * w->width, a, w->xs + first * in, n, k0, w->width, in, w->scale, bf16);
+        shrink4(w->h + first * w->width, a, w->xs + first * in, n, k0, count, w->width, in,
+                w->scale, bf16);
     }
     if (threads > 1) gomp_barrier();
     const int64_t expand_items = w->groups * w->chunks_per_row;
@@ -212,9 +219,10 @@ static inline __attribute__((always_inline)) void run_share(const work *w, int t
         const int64_t c0 = L->offsets[s] + chunk * CHUNK;
         const int64_t end = L->offsets[s + 1], size = end - c0 < CHUNK ? end - c0 : CHUNK;
         const float *b = L->b + w->group_slot[g] * rank * out;
+        const int64_t used = L->ranks[w->group_slot[g]];
         for (int64_t j = w->group_start[g]; j < w->group_start[g + 1]; j++) {
             void *yrow = (char *)w->y + w->order[j] * w->y_stride * (w->ydtype ? 2 : 4);
-            expand_chunk(yrow, (int)w->ydtype, w->h + j * w->width + s * rank, b, out, rank, c0,
+            expand_chunk(yrow, (int)w->ydtype, w->h + j * w->width + s * rank, b, out, used, c0,
                          size);
         }
     }
@@ -298,9 +306,12 @@ CLONES int loraplex_lora_rows(void *y, int64_t y_stride, const void *x, int64_t 
     for (int64_t s = 0; s < layer->slices; s++)
         chunks_per_row += (layer->offsets[s + 1] - layer->offsets[s] + CHUNK - 1) / CHUNK;
     work w = {layer, y, y_stride, dtype, width, groups, placed, order, group_start, group_slot,
-              xs, xb, h, groups * ((width + 3) / 4), chunks_per_row, scale};
+              xs, xb, h, groups * layer->slices * ((layer->rank + 3) / 4), chunks_per_row, scale};
     void (*run)(void *) = layer->dtype == LORAPLEX_BF16 ? run_bf16 : run_f32;
-    const int64_t work_size = placed * (in * width + layer->rank * layer->out);
+    int64_t work_size = 0;
+    for (int64_t g = 0; g < groups; g++)
+        work_size += (group_start[g + 1] - group_start[g]) * layer->ranks[group_slot[g]] *
+                     (in * layer->slices + layer->out);
     if (gomp_parallel && omp_max_threads() > 1 && work_size >= PARALLEL_MIN_WORK)
         gomp_parallel(run, &w, 0, 0);
     else

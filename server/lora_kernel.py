@@ -50,6 +50,7 @@ class Layer(ctypes.Structure):
         ("slices", ctypes.c_int64),
         ("offsets", ctypes.c_void_p),
         ("dtype", ctypes.c_int64),
+        ("ranks", ctypes.c_void_p),
     ]
 
 
@@ -138,17 +139,31 @@ def _torch_openmp() -> tuple[int, ...] | None:
 
 
 def layer(
-    a: torch.Tensor, b: torch.Tensor, live: torch.Tensor, offsets: torch.Tensor, rank: int
+    a: torch.Tensor,
+    b: torch.Tensor,
+    live: torch.Tensor,
+    offsets: torch.Tensor,
+    ranks: torch.Tensor,
+    rank: int,
 ) -> Layer:
     """The kernel's view of a layer's weights: a (slots, slices * rank, in), fp32 or bf16, and b
-    (slots, rank, out) fp32, both contiguous; live (slots,) uint8; offsets (slices + 1,) int64.
-    The tensors must outlive the result (it holds their addresses)."""
-    if not (a.dtype in DTYPES and b.dtype == torch.float32 and a.is_contiguous()
-            and b.is_contiguous() and live.dtype == torch.uint8 and offsets.dtype == torch.int64):
+    (slots, rank, out) fp32, both contiguous; live (slots,) uint8; offsets (slices + 1,) int64;
+    ranks (slots,) int64, each slot's own rank. The tensors must outlive the result (it holds
+    their addresses)."""
+    if not (
+        a.dtype in DTYPES
+        and b.dtype == torch.float32
+        and a.is_contiguous()
+        and b.is_contiguous()
+        and live.dtype == torch.uint8
+        and offsets.dtype == torch.int64
+        and ranks.dtype == torch.int64
+        and ranks.numel() == a.shape[0]
+    ):
         raise ValueError("CPU LoRA kernel: weights of an unexpected dtype or layout")  # fmt: skip
     return Layer(
         a.data_ptr(), b.data_ptr(), live.data_ptr(), a.shape[0], a.shape[2], b.shape[2], rank,
-        offsets.numel() - 1, offsets.data_ptr(), DTYPES[a.dtype],
+        offsets.numel() - 1, offsets.data_ptr(), DTYPES[a.dtype], ranks.data_ptr(),
     )  # fmt: skip
 
 

@@ -349,10 +349,12 @@ def test_kernel_reads_the_models_a_and_a_compact_fp32_b(dtype, kernel_on):
         assert torch.equal(kernel.b[:, :, offset : offset + size], block.float())
         offset += size
     assert kernel.live.tolist() == [1, 1, 0, 1] and kernel.offsets.tolist() == [0, 96, 128, 160]
+    assert kernel.ranks.tolist() == [8, 16, 0, 8]  # each slot's own, below the fused rank 16
     for stack in (*a, *b):
         stack[2], stack[0] = stack[1], 0  # an adapter into slot 2; slot 0 emptied
     refreshed = weights.refresh([0, 2], a, b, slices)
     assert refreshed.kernel is kernel and kernel.live.tolist() == [0, 1, 1, 1]
+    assert kernel.ranks.tolist() == [0, 16, 16, 8]
     assert torch.equal(kernel.b[2], kernel.b[1]) and not kernel.b[0].any()
     _check_fused(torch.tensor([0, 2, 1, -1]), slots=4, slices=slices, dtype=dtype)
 
