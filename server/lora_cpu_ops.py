@@ -21,17 +21,18 @@ the number of small calls (vLLM's path makes 2 per slice, each gathering a weigh
 A layer whose weights are zero for every adapter in the batch (an adapter that does not target
 that module) is skipped outright.
 
-Decode-sized batches (at most `SMALL_BATCH_ROWS` rows) take one call of a C kernel per layer
+Decode-sized batches (at most `KERNEL_ROWS` rows) take one call of a C kernel per layer
 (`server.lora_kernel`, `KernelWeights`): inside vLLM's model run each small torch call costs
 several microseconds of dispatch, and a layer's LoRA in torch is four to six of them for a few
 microseconds of arithmetic. The kernel groups rows by adapter, reads the model's own A (bf16 on
 CPUs with native bf16: half the bytes of an fp32 copy) and a compact fp32 B, computes in fp32 and
 rounds once into y. Where the kernel cannot be built (no C compiler) or is switched off
-(LORAPLEX_LORA_KERNEL=0), decode-sized batches compute in torch in fp32 from fp32 copies of the
-fused weights (`SmallBatchWeights`): on CPUs with native bf16 a bf16 matmul this small costs ~25
-us of fixed overhead (oneDNN) against ~5 us in fp32, and a mixed batch multiplies each slice's B
-separately (dense, slots x rank rows) instead of the block-diagonal B. Larger batches (prefill)
-keep torch in the model's dtype, where bf16's throughput wins. bench/lora_ops.py and
+(LORAPLEX_LORA_KERNEL=0), batches of at most `SMALL_BATCH_ROWS` rows compute in torch in fp32
+from fp32 copies of the fused weights (`SmallBatchWeights`): on CPUs with native bf16 a bf16
+matmul this small costs ~25 us of fixed overhead (oneDNN) against ~5 us in fp32, and a mixed
+batch multiplies each slice's B separately (dense, slots x rank rows) instead of the
+block-diagonal B. Larger batches (prefill) keep torch in the model's dtype, where bf16's
+throughput wins. bench/lora_ops.py and
 bench/lora_cpu.py measure every path.
 """
 
@@ -55,7 +56,11 @@ from server import lora_kernel
 # copies weights, but saves reading and multiplying those of idle slots when max_loras is large).
 ALL_SLOTS_MIN_SHARE = 0.5
 
-# Batches of at most this many rows (decode steps) compute in fp32 (see the module docstring);
+# Batches of at most this many rows take the C kernel where it is there (decode steps, and mixed
+# decode + short prefill steps): measured faster than torch's bf16 product up to 64 rows even
+# replayed alone, where torch's per-call cost is lowest (bench/README.md); 0 turns it off.
+KERNEL_ROWS = int(os.environ.get("LORAPLEX_LORA_KERNEL_ROWS", "64"))
+# Without the kernel, batches of at most this many rows (decode steps) compute in fp32 (see the module docstring);
 # 0 turns the fp32 path off (bench/lora_cpu.py's `loraplex-model-dtype` ops).
 SMALL_BATCH_ROWS = int(os.environ.get("LORAPLEX_LORA_FP32_ROWS", "16"))
 # Sets of scattered slots whose gathered weights a layer keeps (FusedLoraWeights.gather).
@@ -154,12 +159,14 @@ class FusedLoraWeights:
         fused = cls(a=a, b=b, nonzero=frozenset(), rank=rank, slices=tuple(output_slices))
         fused._copy(slice(None), a_parts, b_parts, output_slices)
         fused = replace(fused, nonzero=slots_with_weights(fused.a, fused.b))
-        if not (SMALL_BATCH_ROWS and rank):
+        if not rank:
             return fused
-        library = lora_kernel.library()
+        library = lora_kernel.library() if KERNEL_ROWS else None
         if library is not None and fused.a.dtype in lora_kernel.DTYPES:
             return replace(fused, kernel=KernelWeights.of(fused, library))
-        return replace(fused, small=SmallBatchWeights.of(fused))
+        if SMALL_BATCH_ROWS:
+            return replace(fused, small=SmallBatchWeights.of(fused))
+        return fused
 
     def refresh(
         self,
@@ -358,15 +365,16 @@ def apply_fused_lora(
 ) -> None:
     """y[:, :out] += scale * each row's adapter's x @ A^T @ B; rows without one unchanged.
 
-    Decode-sized batches compute in fp32 (`SmallBatchWeights`); larger ones keep the rank-r
-    intermediate in the weights' dtype, as vLLM's expand op casts it to. Two torch calls when
-    the whole batch is on one adapter, three (small mixed batches: two plus one per slice)
+    Batches of at most KERNEL_ROWS rows take one call of the C kernel; otherwise decode-sized
+    batches compute in fp32 (`SmallBatchWeights`, without the kernel) and larger ones keep the
+    rank-r intermediate in the weights' dtype, as vLLM's expand op casts it to: two torch calls
+    when the whole batch is on one adapter, three (small mixed batches: two plus one per slice)
     otherwise.
     """
-    decode = layout.rows <= SMALL_BATCH_ROWS
-    if decode and weights.kernel is not None and weights.kernel.apply(y, x, layout, scale):
+    kernel = weights.kernel
+    if kernel is not None and layout.rows <= KERNEL_ROWS and kernel.apply(y, x, layout, scale):
         return  # rows whose slot has no weights here are skipped inside
-    small = weights.small if decode else None
+    small = weights.small if layout.rows <= SMALL_BATCH_ROWS else None
     a, b = (small.a, small.b) if small is not None else (weights.a, weights.b)
     if layout.uniform is not None:
         if layout.uniform not in weights.nonzero:

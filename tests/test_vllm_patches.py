@@ -202,6 +202,7 @@ def compute_path(request, monkeypatch):
         pytest.fail("the CPU LoRA kernel did not build here (see the log)")
     if request.param != "kernel":
         _without_kernel(monkeypatch)
+    monkeypatch.setattr(lora_cpu_ops, "KERNEL_ROWS", 10_000)
     monkeypatch.setattr(
         lora_cpu_ops, "SMALL_BATCH_ROWS", 0 if request.param == "model-dtype" else 10_000
     )
@@ -330,7 +331,7 @@ def test_fused_layer_skips_adapters_without_weights_for_it(compute_path):
 def kernel_on(monkeypatch):
     if lora_kernel.library() is None:
         pytest.fail("the CPU LoRA kernel did not build here (see the log)")
-    monkeypatch.setattr(lora_cpu_ops, "SMALL_BATCH_ROWS", 10_000)
+    monkeypatch.setattr(lora_cpu_ops, "KERNEL_ROWS", 10_000)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
