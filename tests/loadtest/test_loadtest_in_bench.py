@@ -131,6 +131,17 @@ def test_agreement_vllm_arguments(tmp_path):
     at = mixed.index("--lora-modules")
     assert mixed[at + 1 : at + 6] == ["a1", "a2", "a3", "a4", "--lora-assignment"]
     assert mixed[at + 6] == "round-robin"
+    assert "--header" not in argv
+    closing = agreement.vllm_bench_argv(
+        items=work_items("base", requests=4), close_connections=True, **common
+    )  # llama-server: cpp-httplib drops kept-alive connections, as loadtest's client knows
+    assert closing[closing.index("--header") + 1] == "connection=close"
+
+
+def test_agreement_against_llamacpp_is_base_only(capsys):
+    for extra in (["--scenario", "one"], ["--model", "/some/model"]):
+        with pytest.raises(SystemExit, match="base scenario only"):
+            agreement.main(["--server", "llamacpp", *extra])
 
 
 def test_agreement_rounds_alternate_abba():
