@@ -17,7 +17,9 @@ isolate the model's LoRA path), with LoRA ops:
              the fp32 path for decode-sized batches gains
 
 Runs cycle through them `--rounds` times, the order reversed every other round, so that drift
-on the machine hits all alike.
+on the machine hits all alike. Within a run, `--repeats` cycles through the scenarios; the
+paired ratios (one/base, mixedN/one of the same cycle, runs seconds apart) move less with the
+machine's drift than ratios of medians.
 
 Scenarios: `--requests` chat requests, `--concurrency` decoded at once (max_num_seqs; the rest
 queue, as a closed loop would), greedy, exactly `--max-tokens` output tokens each (ignore_eos):
@@ -82,6 +84,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--concurrency", type=int, default=8, help="sequences decoded at once")
     p.add_argument("--max-tokens", type=int, default=64, help="output tokens per request")
     p.add_argument("--rounds", type=int, default=2, help="runs per ops, alternating")
+    p.add_argument(
+        "--repeats", type=int, default=1,
+        help="cycles through the scenarios within each run (paired ratios per cycle)",
+    )  # fmt: skip
     p.add_argument("--ops", default="vllm,loraplex", help=f"comma-separated subset of {OPS}")
     p.add_argument("--scenarios", default=",".join(SCENARIOS), help="comma-separated")
     p.add_argument("--max-lora-rank", type=int, default=16, help="engine's max_lora_rank")
@@ -145,6 +151,69 @@ def _fallback_calls() -> int:
     return vllm_patches.fallback_calls
 
 
+def measure_scenario(
+    llm: Any, profile: Profile, batch: Any, scenario: str, params: Any, config: dict[str, Any],
+    repeat: int,
+) -> dict[str, Any]:  # fmt: skip
+    """One timed run of `scenario` (after a short warm-up of its adapters)."""
+    from vllm import SamplingParams
+
+    models = SCENARIOS[scenario]
+    warm_prompts, warm_loras = batch(models, max(len(models), 4))
+    llm.generate(warm_prompts, SamplingParams(max_tokens=4), lora_request=warm_loras,
+                 use_tqdm=False)  # fmt: skip
+    texts, loras = batch(models, config["requests"])
+    foreign_before = sample_foreign_cpu(1.0).foreign_cpu_cores
+    profile.reset()
+    started = time.perf_counter()
+    outputs = llm.generate(texts, params, lora_request=loras, use_tqdm=False)
+    wall = time.perf_counter() - started
+    tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
+    steps = max(profile.calls["step"], 1)
+    result = {
+        "output_tokens": tokens,
+        "seconds": round(wall, 3),
+        "output_tokens_per_second": round(tokens / wall, 1),
+        "steps": profile.calls["step"],
+        "ms_per_step": {k: round(v * 1000 / steps, 2) for k, v in profile.seconds.items()},
+        "lora_linear_calls_per_step": round(profile.calls["lora_linear"] / steps, 1),
+        "fused_fallback_calls": _fallback_calls(),
+        "foreign_cpu_cores_before": foreign_before,
+        "first_output": outputs[0].outputs[0].text[:80],
+    }
+    print(f"  {config['ops']:>8} {scenario:<7} #{repeat + 1} {result['output_tokens_per_second']:>7}"
+          f" tok/s  {result['ms_per_step']}", flush=True)  # fmt: skip
+    return result
+
+
+def _median_samples(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """A scenario's repeats in one engine: the median tok/s and profile, and every repeat."""
+    keys = sorted({k for r in runs for k in r["ms_per_step"]})
+    return runs[0] | {
+        "output_tokens_per_second": statistics.median(r["output_tokens_per_second"] for r in runs),
+        "repeats_output_tokens_per_second": [r["output_tokens_per_second"] for r in runs],
+        "ms_per_step": {
+            k: round(statistics.median(r["ms_per_step"].get(k, 0.0) for r in runs), 2) for k in keys
+        },
+        "fused_fallback_calls": runs[-1]["fused_fallback_calls"],
+    }
+
+
+def paired_ratios(samples: dict[str, list[dict[str, Any]]]) -> dict[str, list[float]]:
+    """Ratios of runs next to each other in time (the same repeat of the cycle through the
+    scenarios): one/base and mixedN/one per repeat. On a machine whose speed drifts, these move
+    less than ratios of medians taken minutes apart."""
+    tps = {s: [r["output_tokens_per_second"] for r in runs] for s, runs in samples.items()}
+    out: dict[str, list[float]] = {}
+    for scenario, values in tps.items():
+        against = "base" if scenario == "one" else "one" if scenario.startswith("mixed") else None
+        if against in tps:
+            out[f"{scenario}/{against}"] = [
+                round(v / w, 3) for v, w in zip(values, tps[against], strict=True)
+            ]
+    return out
+
+
 def run_worker(config: dict[str, Any]) -> dict[str, Any]:
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # engine core in this process
     os.environ["LORAPLEX_VLLM_PATCHES"] = "0" if config["ops"] == "vllm" else "1"
@@ -199,33 +268,14 @@ def run_worker(config: dict[str, Any]) -> dict[str, Any]:
             [adapters[m] if m else None for m in chosen],
         )
 
-    results: dict[str, Any] = {}
-    for scenario in config["scenarios"]:
-        models = SCENARIOS[scenario]
-        warm_prompts, warm_loras = batch(models, max(len(models), 4))
-        llm.generate(warm_prompts, SamplingParams(max_tokens=4), lora_request=warm_loras,
-                     use_tqdm=False)  # fmt: skip
-        texts, loras = batch(models, config["requests"])
-        foreign_before = sample_foreign_cpu(1.0).foreign_cpu_cores
-        profile.reset()
-        started = time.perf_counter()
-        outputs = llm.generate(texts, params, lora_request=loras, use_tqdm=False)
-        wall = time.perf_counter() - started
-        tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
-        steps = max(profile.calls["step"], 1)
-        results[scenario] = {
-            "output_tokens": tokens,
-            "seconds": round(wall, 3),
-            "output_tokens_per_second": round(tokens / wall, 1),
-            "steps": profile.calls["step"],
-            "ms_per_step": {k: round(v * 1000 / steps, 2) for k, v in profile.seconds.items()},
-            "lora_linear_calls_per_step": round(profile.calls["lora_linear"] / steps, 1),
-            "fused_fallback_calls": _fallback_calls(),
-            "foreign_cpu_cores_before": foreign_before,
-            "first_output": outputs[0].outputs[0].text[:80],
-        }
-        print(f"  {config['ops']:>8} {scenario:<7} {results[scenario]['output_tokens_per_second']:>7}"
-              f" tok/s  {results[scenario]['ms_per_step']}", flush=True)  # fmt: skip
+    samples: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for repeat in range(config.get("repeats", 1)):
+        for scenario in config["scenarios"]:
+            samples[scenario].append(
+                measure_scenario(llm, profile, batch, scenario, params, config, repeat)
+            )
+    results: dict[str, Any] = {s: _median_samples(runs) for s, runs in samples.items()}
+    results["paired_ratios"] = paired_ratios(samples)
     return results
 
 
@@ -329,6 +379,7 @@ def main(argv: list[str] | None = None) -> int:
         "requests": args.requests, "concurrency": args.concurrency,
         "max_tokens": args.max_tokens, "max_lora_rank": args.max_lora_rank,
         "scenarios": list(scenarios), "dtype": choose_dtype(args.dtype).dtype,
+        "repeats": args.repeats,
     }  # fmt: skip
     runs: dict[str, list[dict[str, Any]]] = {o: [] for o in ops}
     for round_no in range(args.rounds):
@@ -337,18 +388,29 @@ def main(argv: list[str] | None = None) -> int:
             runs[name].append(_run_one({**config, "ops": name}))
     figures = {o: {s: _median_runs(runs[o], s) for s in scenarios} for o in ops}
     ratios = summarize(figures)
+    paired = {
+        o: {
+            key: {"median": statistics.median(values), "samples": values}
+            for key in runs[o][0]["paired_ratios"]
+            for values in [[v for r in runs[o] for v in r["paired_ratios"][key]]]
+        }
+        for o in ops
+    }
     limit = arithmetic_limit(model, adapters[ALL_ADAPTER_NAMES[0]], scenarios)
     print("\noutput tok/s (median of rounds)")
     print(f"{'scenario':<9}" + "".join(f"{o:>12}" for o in ops))
     for s in scenarios:
         print(f"{s:<9}" + "".join(f"{figures[o][s]['output_tokens_per_second']:>12}" for o in ops))
     print(json.dumps(ratios, indent=2))
+    print("paired ratios (median):", json.dumps(
+        {o: {k: v["median"] for k, v in p.items()} for o, p in paired.items()}, indent=2))  # fmt: skip
     print("arithmetic limit:", json.dumps(limit, indent=2))
     out = args.out or RESULTS_DIR / f"lora_cpu-{utc_stamp()}.json"
     write_json(out, {
         "benchmark": "lora_cpu", "machine": machine_info(config["dtype"]), "settings": config | {
             "rounds": args.rounds, "max_loras": MAX_LORAS},
-        "figures": figures, "ratios": ratios, "arithmetic_limit": limit, "runs": runs,
+        "figures": figures, "ratios": ratios, "paired_ratios": paired,
+        "arithmetic_limit": limit, "runs": runs,
     })  # fmt: skip
     print(f"wrote {out}")
     return 0
