@@ -150,7 +150,8 @@ def _fused_add_lora_linear(add_lora_linear: Any) -> Any:
             return
         try:
             weights = _fused_weights(self, lora_a_stacked, lora_b_stacked, output_slices)
-            lora_cpu_ops.apply_fused_lora(y, x, layout, weights, scale)  # writes y last
+            if weights.nonzero:  # else no loaded adapter has weights here (an MLP layer, often)
+                lora_cpu_ops.apply_fused_lora(y, x, layout, weights, scale)  # writes y last
         except Exception:
             _fall_back("fused LoRA failed; per-op path for this call")
             add_lora_linear(
@@ -236,7 +237,9 @@ def _fused_weights(
     """The layer's fused weights: built on first use, then brought up to date slot by slot
     after each adapter activation (rebuilding all layers for every activation would stall the
     next step by ~0.1 s with 8 slots)."""
-    cache: dict[int, _CachedFusion] = wrapper.__dict__.setdefault("_loraplex_fused", {})
+    cache: dict[int, _CachedFusion] | None = wrapper.__dict__.get("_loraplex_fused")
+    if cache is None:
+        cache = wrapper.__dict__["_loraplex_fused"] = {}
     found = cache.get(id(a_stacked[0]))
     if found is not None and found.stack is a_stacked[0] and found.epoch == _epoch:
         if found.writes == _writes:
