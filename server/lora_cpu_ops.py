@@ -25,7 +25,8 @@ Decode-sized batches (at most `KERNEL_ROWS` rows) take one call of a C kernel pe
 (`server.lora_kernel`, `KernelWeights`): inside vLLM's model run each small torch call costs
 several microseconds of dispatch, and a layer's LoRA in torch is four to six of them for a few
 microseconds of arithmetic. The kernel groups rows by adapter, reads the model's own A (bf16 on
-CPUs with native bf16: half the bytes of an fp32 copy) and a compact fp32 B, computes in fp32 and
+CPUs with native bf16: half the bytes of an fp32 copy) and a compact B (bf16 in rank pairs for
+AVX512-BF16's dot product, else fp32), computes in fp32 and
 rounds once into y. Where the kernel cannot be built (no C compiler) or is switched off
 (LORAPLEX_LORA_KERNEL=0), batches of at most `SMALL_BATCH_ROWS` rows compute in torch in fp32
 from fp32 copies of the fused weights (`SmallBatchWeights`): on CPUs with native bf16 a bf16
@@ -275,10 +276,12 @@ class SmallBatchWeights:
 @dataclass(frozen=True, eq=False)
 class KernelWeights:
     """A layer's weights as the C kernel (`server.lora_kernel`) reads them, for decode-sized
-    batches: a is `FusedLoraWeights.a` itself (no copy); b compact, (slots, rank, out) fp32: the
-    block-diagonal B's blocks summed, so output slice i takes its coefficients from A's rows
-    i*rank.. (no zeros multiplied), in fp32 because the kernel's expand step multiplies fp32 (a
-    bf16 B would cost a conversion per multiply-add); live: (slots,) 1 where the slot holds
+    batches: a is `FusedLoraWeights.a` itself (no copy); b compact: the block-diagonal B's blocks
+    summed, so output slice i takes its coefficients from A's rows i*rank.. (no zeros
+    multiplied), as (slots, rank, out) fp32 (the expand step's fp32 FMAs; bf16 would cost a
+    conversion per multiply-add), or for bf16 models on CPUs with AVX512-BF16 in bf16 with ranks
+    in pairs, (slots, ceil(rank / 2), out, 2), the layout of its dot-product instruction (half the
+    bytes, no conversion); live: (slots,) 1 where the slot holds
     weights for this layer; offsets: where each output slice starts, then out; ranks: (slots,)
     the rank each slot's adapter uses, so a rank-8 adapter next to a rank-64 one costs rank 8
     (the fused weights are padded to the largest)."""
@@ -294,7 +297,11 @@ class KernelWeights:
 
     @classmethod
     def of(cls, fused: FusedLoraWeights, library: ctypes.CDLL) -> KernelWeights:
-        b = fused.a.new_zeros((fused.slots, fused.rank, fused.out_features), dtype=torch.float32)
+        slots, rank, out = fused.slots, fused.rank, fused.out_features
+        if fused.a.dtype == torch.bfloat16 and library.loraplex_bf16_dot():
+            b = fused.a.new_zeros((slots, (rank + 1) // 2, out, 2))  # ranks in pairs
+        else:
+            b = fused.a.new_zeros((slots, rank, out), dtype=torch.float32)
         live = torch.zeros(fused.slots, dtype=torch.uint8)
         offsets = torch.tensor((0, *itertools.accumulate(fused.slices)), dtype=torch.int64)
         ranks = torch.zeros(fused.slots, dtype=torch.int64)
@@ -309,7 +316,12 @@ class KernelWeights:
     ) -> None:
         """Copy `slots` of `fused` (just written) in, in place; `nonzero`: the slots live now."""
         blocks = fused.b[slots].unflatten(1, (len(fused.slices), fused.rank))
-        self.b[slots] = blocks.sum(1).to(torch.float32)  # the blocks do not overlap: exact
+        compact = blocks.sum(1)  # (slots, rank, out): the blocks do not overlap, the sum is exact
+        if self.b.dtype == torch.float32:
+            self.b[slots] = compact.to(torch.float32)
+        else:  # ranks 2p and 2p + 1 of a column side by side
+            even = torch.nn.functional.pad(compact, (0, 0, 0, compact.shape[1] % 2))
+            self.b[slots] = even.unflatten(1, (-1, 2)).transpose(2, 3)
         # a rank index is in use where some slice's A row and B column are non-zero
         a_rows = fused.a[slots].unflatten(1, (len(fused.slices), fused.rank)).abs().amax(3) > 0
         used = (a_rows & (blocks.abs().amax(3) > 0)).any(1)  # (slots, rank)
@@ -317,6 +329,13 @@ class KernelWeights:
         self.ranks[slots] = torch.where(used.any(1), last, 0)
         self.live.zero_()
         self.live[sorted(nonzero)] = 1
+
+    def compact_b(self) -> torch.Tensor:
+        """b as (slots, rank, out) fp32, whichever layout the kernel reads."""
+        if self.b.dtype == torch.float32:
+            return self.b
+        pairs = self.b.transpose(2, 3).flatten(1, 2)  # (slots, 2 * ceil(rank / 2), out)
+        return pairs[:, : self.layer.rank].to(torch.float32)
 
     def apply(self, y: torch.Tensor, x: torch.Tensor, layout: StepLayout, scale: float) -> bool:
         """y[:, :out] += scale * x @ A[slot]^T @ B[slot] per row, in one C call; False (nothing

@@ -33,14 +33,25 @@ enum { LORAPLEX_F32 = 0, LORAPLEX_BF16 = 1 };
  * keeps its layout in step with this struct). */
 typedef struct {
     const void *a;       /* (slots, slices * rank, in), `dtype` */
-    const float *b;      /* (slots, rank, out) */
+    const void *b;       /* b_pairs 0: (slots, rank, out) fp32; 1: bf16 with ranks in pairs,
+                            (slots, ceil(rank / 2), out, 2), for AVX512-BF16's dot product */
     const uint8_t *live; /* (slots,) 1 where the slot holds weights for this layer */
     int64_t slots, in, out, rank, slices;
     const int64_t *offsets; /* (slices + 1,) column where each output slice starts, then out */
     int64_t dtype;          /* of a */
     const int64_t *ranks;   /* (slots,) the rank each slot's adapter uses (<= rank): rows of A
                                and B past it are zero padding, neither read nor multiplied */
+    int64_t b_pairs;
 } loraplex_layer;
+
+/* Whether this CPU has AVX512-BF16's dot product (then bf16 models' B is kept in pairs). */
+int loraplex_bf16_dot(void) {
+#if defined(__x86_64__) && defined(__GNUC__)
+    return __builtin_cpu_supports("avx512bf16");
+#else
+    return 0;
+#endif
+}
 
 /* libgomp's entry points, as torch loaded them (NULL: one thread). */
 static void (*gomp_parallel)(void (*)(void *), void *, unsigned, unsigned);
@@ -179,6 +190,46 @@ static inline f32x16 load16(const float *p) {
     return v;
 }
 
+/* y[c0 .. c0 + size) += t, rounded once into y's dtype. */
+static inline __attribute__((always_inline)) void add_into(void *y, int ydtype,
+                                                           const float *restrict t, int64_t c0,
+                                                           int64_t size) {
+    if (ydtype == LORAPLEX_BF16) {
+        uint16_t *d = (uint16_t *)y + c0;
+        for (int64_t l = 0; l < size; l++) d[l] = f32_to_bf16(bf16_to_f32(d[l]) + t[l]);
+    } else {
+        float *d = (float *)y + c0;
+        for (int64_t l = 0; l < size; l++) d[l] += t[l];
+    }
+}
+
+#ifdef X86
+/* expand_chunk for B in rank pairs (bf16) on CPUs with AVX512-BF16: h rounded to bf16, as vLLM's
+ * own expand step does, and each pair of ranks multiplied into 16 columns by one instruction. */
+__attribute__((target("avx512f,avx512bw,avx512bf16"))) static void expand_pairs_dpbf16(
+    void *y, int ydtype, const float *restrict h, const uint32_t *restrict b, int64_t out,
+    int64_t rank, int64_t c0, int64_t size) {
+    float t[CHUNK];
+    const __mmask16 m0 = size >= 16 ? 0xffff : (__mmask16)((1u << size) - 1u);
+    const __mmask16 m1 = size >= 32 ? 0xffff : size <= 16 ? 0 : (__mmask16)((1u << (size - 16)) - 1u);
+    const __mmask16 m2 = size >= 48 ? 0xffff : size <= 32 ? 0 : (__mmask16)((1u << (size - 32)) - 1u);
+    const __mmask16 m3 = size >= 64 ? 0xffff : size <= 48 ? 0 : (__mmask16)((1u << (size - 48)) - 1u);
+    __m512 t0 = _mm512_setzero_ps(), t1 = t0, t2 = t0, t3 = t0;
+    for (int64_t p = 0; p < (rank + 1) / 2; p++) {
+        const uint32_t lo = f32_to_bf16(h[2 * p]), hi = 2 * p + 1 < rank ? f32_to_bf16(h[2 * p + 1]) : 0;
+        const __m512bh hv = (__m512bh)_mm512_set1_epi32((int)(lo | hi << 16));
+        const uint32_t *bp = b + p * out + c0;
+        t0 = _mm512_dpbf16_ps(t0, (__m512bh)_mm512_maskz_loadu_epi32(m0, bp), hv);
+        t1 = _mm512_dpbf16_ps(t1, (__m512bh)_mm512_maskz_loadu_epi32(m1, bp + 16), hv);
+        t2 = _mm512_dpbf16_ps(t2, (__m512bh)_mm512_maskz_loadu_epi32(m2, bp + 32), hv);
+        t3 = _mm512_dpbf16_ps(t3, (__m512bh)_mm512_maskz_loadu_epi32(m3, bp + 48), hv);
+    }
+    _mm512_storeu_ps(t, t0), _mm512_storeu_ps(t + 16, t1);
+    _mm512_storeu_ps(t + 32, t2), _mm512_storeu_ps(t + 48, t3);
+    add_into(y, ydtype, t, c0, size);
+}
+#endif
+
 /* y[c0 .. c0 + size) += sum over k < rank of h[k] * B[k, c0 + c] (size <= CHUNK). */
 static inline __attribute__((always_inline)) void expand_chunk(void *y, int ydtype,
                                                                const float *restrict h,
@@ -199,13 +250,7 @@ static inline __attribute__((always_inline)) void expand_chunk(void *y, int ydty
         for (int64_t k = 0; k < rank; k++)
             for (int64_t l = 0; l < size; l++) t[l] += h[k] * b[k * out + c0 + l];
     }
-    if (ydtype == LORAPLEX_BF16) {
-        uint16_t *d = (uint16_t *)y + c0;
-        for (int64_t l = 0; l < size; l++) d[l] = f32_to_bf16(bf16_to_f32(d[l]) + t[l]);
-    } else {
-        float *d = (float *)y + c0;
-        for (int64_t l = 0; l < size; l++) d[l] += t[l];
-    }
+    add_into(y, ydtype, t, c0, size);
 }
 
 /* One call's work, shared by the threads. Shrink items: (group, block of 4 rows of A); expand
@@ -258,12 +303,19 @@ static inline __attribute__((always_inline)) void run_share(const work *w, int t
         }
         const int64_t c0 = L->offsets[s] + chunk * CHUNK;
         const int64_t end = L->offsets[s + 1], size = end - c0 < CHUNK ? end - c0 : CHUNK;
-        const float *b = L->b + w->group_slot[g] * rank * out;
         const int64_t used = L->ranks[w->group_slot[g]];
         for (int64_t j = w->group_start[g]; j < w->group_start[g + 1]; j++) {
             void *yrow = (char *)w->y + w->order[j] * w->y_stride * (w->ydtype ? 2 : 4);
-            expand_chunk(yrow, (int)w->ydtype, w->h + j * w->width + s * rank, b, out, used, c0,
-                         size);
+            const float *hj = w->h + j * w->width + s * rank;
+#ifdef X86
+            if (L->b_pairs) {
+                const uint32_t *b = (const uint32_t *)L->b + w->group_slot[g] * ((rank + 1) / 2) * out;
+                expand_pairs_dpbf16(yrow, (int)w->ydtype, hj, b, out, used, c0, size);
+                continue;
+            }
+#endif
+            expand_chunk(yrow, (int)w->ydtype, hj, (const float *)L->b + w->group_slot[g] * rank * out,
+                         out, used, c0, size);
         }
     }
 }

@@ -51,6 +51,7 @@ class Layer(ctypes.Structure):
         ("offsets", ctypes.c_void_p),
         ("dtype", ctypes.c_int64),
         ("ranks", ctypes.c_void_p),
+        ("b_pairs", ctypes.c_int64),
     ]
 
 
@@ -113,6 +114,7 @@ def library() -> ctypes.CDLL | None:
         ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int,
         ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.POINTER(Layer),
     ]  # fmt: skip
+    lib.loraplex_bf16_dot.restype = ctypes.c_int
     openmp = _torch_openmp()
     if openmp is not None:
         lib.loraplex_set_openmp.argtypes = [ctypes.c_void_p] * len(openmp)
@@ -146,13 +148,15 @@ def layer(
     ranks: torch.Tensor,
     rank: int,
 ) -> Layer:
-    """The kernel's view of a layer's weights: a (slots, slices * rank, in), fp32 or bf16, and b
-    (slots, rank, out) fp32, both contiguous; live (slots,) uint8; offsets (slices + 1,) int64;
-    ranks (slots,) int64, each slot's own rank. The tensors must outlive the result (it holds
-    their addresses)."""
+    """The kernel's view of a layer's weights: a (slots, slices * rank, in), fp32 or bf16; b
+    (slots, rank, out) fp32, or bf16 with the ranks in pairs, (slots, ceil(rank / 2), out, 2), for
+    AVX512-BF16's dot product (`bf16_pairs`); both contiguous; live (slots,) uint8; offsets
+    (slices + 1,) int64; ranks (slots,) int64, each slot's own rank. The tensors must outlive the
+    result (it holds their addresses)."""
+    pairs = b.dtype == torch.bfloat16
     if not (
         a.dtype in DTYPES
-        and b.dtype == torch.float32
+        and (b.dtype == torch.float32 and b.dim() == 3 or pairs and b.shape[-1] == 2)
         and a.is_contiguous()
         and b.is_contiguous()
         and live.dtype == torch.uint8
@@ -163,7 +167,7 @@ def layer(
         raise ValueError("CPU LoRA kernel: weights of an unexpected dtype or layout")  # fmt: skip
     return Layer(
         a.data_ptr(), b.data_ptr(), live.data_ptr(), a.shape[0], a.shape[2], b.shape[2], rank,
-        offsets.numel() - 1, offsets.data_ptr(), DTYPES[a.dtype], ranks.data_ptr(),
+        offsets.numel() - 1, offsets.data_ptr(), DTYPES[a.dtype], ranks.data_ptr(), int(pairs),
     )  # fmt: skip
 
 
