@@ -26,8 +26,7 @@ Decode-sized batches (at most `KERNEL_ROWS` rows) take one call of a C kernel pe
 several microseconds of dispatch, and a layer's LoRA in torch is four to six of them for a few
 microseconds of arithmetic. The kernel groups rows by adapter, reads the model's own A (bf16 on
 CPUs with native bf16: half the bytes of an fp32 copy) and a compact B (bf16 in rank pairs for
-AVX512-BF16's dot product, else fp32), computes in fp32 and
-rounds once into y. Where the kernel cannot be built (no C compiler) or is switched off
+AVX512-BF16's dot product, else fp32), computes in fp32 and rounds once into y. Where the kernel cannot be built (no C compiler) or is switched off
 (LORAPLEX_LORA_KERNEL=0), batches of at most `SMALL_BATCH_ROWS` rows compute in torch in fp32
 from fp32 copies of the fused weights (`SmallBatchWeights`): on CPUs with native bf16 a bf16
 matmul this small costs ~25 us of fixed overhead (oneDNN) against ~5 us in fp32, and a mixed
