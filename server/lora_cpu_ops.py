@@ -26,14 +26,14 @@ Decode-sized batches (at most `KERNEL_ROWS` rows) take one call of a C kernel pe
 several microseconds of dispatch, and a layer's LoRA in torch is four to six of them for a few
 microseconds of arithmetic. The kernel groups rows by adapter, reads the model's own A (bf16 on
 CPUs with native bf16: half the bytes of an fp32 copy) and a compact B (bf16 in rank pairs for
-AVX512-BF16's dot product, else fp32), computes in fp32 and rounds once into y. Where the kernel cannot be built (no C compiler) or is switched off
-(LORAPLEX_LORA_KERNEL=0), batches of at most `SMALL_BATCH_ROWS` rows compute in torch in fp32
-from fp32 copies of the fused weights (`SmallBatchWeights`): on CPUs with native bf16 a bf16
-matmul this small costs ~25 us of fixed overhead (oneDNN) against ~5 us in fp32, and a mixed
-batch multiplies each slice's B separately (dense, slots x rank rows) instead of the
-block-diagonal B. Larger batches (prefill) keep torch in the model's dtype, where bf16's
-throughput wins. bench/lora_ops.py and
-bench/lora_cpu.py measure every path.
+AVX512-BF16's dot product, else fp32), computes in fp32 and rounds once into y. Where the kernel
+cannot be built (no C compiler) or is switched off (LORAPLEX_LORA_KERNEL=0), batches of at most
+`SMALL_BATCH_ROWS` rows compute in torch in fp32 from fp32 copies of the fused weights
+(`SmallBatchWeights`): on CPUs with native bf16 a bf16 matmul this small costs ~25 us of fixed
+overhead (oneDNN) against ~5 us in fp32, and a mixed batch multiplies each slice's B separately
+(dense, slots x rank rows) instead of the block-diagonal B. Larger batches (prefill) keep torch
+in the model's dtype, where bf16's throughput wins. bench/lora_ops.py and bench/lora_cpu.py
+measure every path.
 """
 
 from __future__ import annotations
@@ -60,8 +60,8 @@ ALL_SLOTS_MIN_SHARE = 0.5
 # decode + short prefill steps): measured faster than torch's bf16 product up to 64 rows even
 # replayed alone, where torch's per-call cost is lowest (bench/README.md); 0 turns it off.
 KERNEL_ROWS = int(os.environ.get("LORAPLEX_LORA_KERNEL_ROWS", "64"))
-# Without the kernel, batches of at most this many rows (decode steps) compute in fp32 (see the module docstring);
-# 0 turns the fp32 path off (bench/lora_cpu.py's `loraplex-model-dtype` ops).
+# Without the kernel, batches of at most this many rows (decode steps) compute in fp32 (see the
+# module docstring); 0 turns the fp32 path off (bench/lora_cpu.py's `loraplex-model-dtype` ops).
 SMALL_BATCH_ROWS = int(os.environ.get("LORAPLEX_LORA_FP32_ROWS", "16"))
 # Sets of scattered slots whose gathered weights a layer keeps (FusedLoraWeights.gather).
 GATHERED_SETS = 4
@@ -275,15 +275,17 @@ class SmallBatchWeights:
 @dataclass(frozen=True, eq=False)
 class KernelWeights:
     """A layer's weights as the C kernel (`server.lora_kernel`) reads them, for decode-sized
-    batches: a is `FusedLoraWeights.a` itself (no copy); b compact: the block-diagonal B's blocks
-    summed, so output slice i takes its coefficients from A's rows i*rank.. (no zeros
-    multiplied), as (slots, rank, out) fp32 (the expand step's fp32 FMAs; bf16 would cost a
-    conversion per multiply-add), or for bf16 models on CPUs with AVX512-BF16 in bf16 with ranks
-    in pairs, (slots, ceil(rank / 2), out, 2), the layout of its dot-product instruction (half the
-    bytes, no conversion); live: (slots,) 1 where the slot holds
-    weights for this layer; offsets: where each output slice starts, then out; ranks: (slots,)
-    the rank each slot's adapter uses, so a rank-8 adapter next to a rank-64 one costs rank 8
-    (the fused weights are padded to the largest)."""
+    batches.
+
+    a: `FusedLoraWeights.a` itself (no copy). b: compact, the block-diagonal B's blocks summed, so
+    output slice i takes its coefficients from A's rows i*rank.. (no zeros multiplied); (slots,
+    rank, out) fp32 for the expand step's fp32 FMAs, or, for bf16 models on CPUs with
+    AVX512-BF16, bf16 with ranks in pairs, (slots, ceil(rank / 2), out, 2), the layout of its
+    dot-product instruction (half the bytes, no conversion). live: (slots,) 1 where the slot
+    holds weights for this layer. offsets: where each output slice starts, then out. ranks:
+    (slots,) the rank each slot's adapter uses, so a rank-8 adapter next to a rank-64 one costs
+    rank 8 (the fused weights are padded to the largest).
+    """
 
     a: torch.Tensor
     b: torch.Tensor
@@ -301,9 +303,9 @@ class KernelWeights:
             b = fused.a.new_zeros((slots, (rank + 1) // 2, out, 2))  # ranks in pairs
         else:
             b = fused.a.new_zeros((slots, rank, out), dtype=torch.float32)
-        live = torch.zeros(fused.slots, dtype=torch.uint8)
+        live = torch.zeros(slots, dtype=torch.uint8)
         offsets = torch.tensor((0, *itertools.accumulate(fused.slices)), dtype=torch.int64)
-        ranks = torch.zeros(fused.slots, dtype=torch.int64)
+        ranks = torch.zeros(slots, dtype=torch.int64)
         layer = lora_kernel.layer(fused.a, b, live, offsets, ranks, fused.rank)
         call, ref = library.loraplex_lora_rows, ctypes.pointer(layer)
         kernel = cls(fused.a, b, live, offsets, ranks, layer, call, ref)
@@ -323,9 +325,7 @@ class KernelWeights:
             self.b[slots] = even.unflatten(1, (-1, 2)).transpose(2, 3)
         # a rank index is in use where some slice's A row and B column are non-zero
         a_rows = fused.a[slots].unflatten(1, (len(fused.slices), fused.rank)).abs().amax(3) > 0
-        used = (a_rows & (blocks.abs().amax(3) > 0)).any(1)  # (slots, rank)
-        last = fused.rank - used.flip(1).to(torch.int8).argmax(1)
-        self.ranks[slots] = torch.where(used.any(1), last, 0)
+        self.ranks[slots] = _ranks_in_use((a_rows & (blocks.abs().amax(3) > 0)).any(1))
         self.live.zero_()
         self.live[sorted(nonzero)] = 1
 
@@ -370,8 +370,13 @@ def _used_rank(a: torch.Tensor, b: torch.Tensor) -> int:
     if a.numel() == 0:
         return 0
     live = (a.abs().amax(dim=(0, 2)) > 0) & (b.abs().amax(dim=(0, 1)) > 0)
-    found = live.nonzero().flatten()
-    return int(found[-1]) + 1 if len(found) else 0
+    return int(_ranks_in_use(live.unsqueeze(0))[0])
+
+
+def _ranks_in_use(live: torch.Tensor) -> torch.Tensor:
+    """(n, rank) bool, where each rank index is in use -> (n,) int64: 1 + the last one (0: none)."""
+    last = live.shape[1] - live.flip(1).to(torch.int8).argmax(1)
+    return torch.where(live.any(1), last, 0).to(torch.int64)
 
 
 def apply_fused_lora(
