@@ -188,13 +188,10 @@ def measure_scenario(
 
 def _median_samples(runs: list[dict[str, Any]]) -> dict[str, Any]:
     """A scenario's repeats in one engine: the median tok/s and profile, and every repeat."""
-    keys = sorted({k for r in runs for k in r["ms_per_step"]})
     return runs[0] | {
         "output_tokens_per_second": statistics.median(r["output_tokens_per_second"] for r in runs),
         "repeats_output_tokens_per_second": [r["output_tokens_per_second"] for r in runs],
-        "ms_per_step": {
-            k: round(statistics.median(r["ms_per_step"].get(k, 0.0) for r in runs), 2) for k in keys
-        },
+        "ms_per_step": _median_profile(runs),
         "fused_fallback_calls": runs[-1]["fused_fallback_calls"],
     }
 
@@ -292,15 +289,18 @@ def _run_one(config: dict[str, Any]) -> dict[str, Any]:
 
 def _median_runs(runs: list[dict[str, Any]], scenario: str) -> dict[str, Any]:
     tps = [r[scenario]["output_tokens_per_second"] for r in runs]
-    profiles = [r[scenario]["ms_per_step"] for r in runs]
-    keys = sorted({k for p in profiles for k in p})
     return {
         "output_tokens_per_second": round(statistics.median(tps), 1),
         "runs_output_tokens_per_second": tps,
-        "ms_per_step": {
-            k: round(statistics.median(p.get(k, 0.0) for p in profiles), 2) for k in keys
-        },  # fmt: skip
+        "ms_per_step": _median_profile([r[scenario] for r in runs]),
     }
+
+
+def _median_profile(runs: list[dict[str, Any]]) -> dict[str, float]:
+    """The median of each `ms_per_step` entry over `runs` (0 where a run lacks it)."""
+    profiles = [r["ms_per_step"] for r in runs]
+    keys = sorted({k for p in profiles for k in p})
+    return {k: round(statistics.median(p.get(k, 0.0) for p in profiles), 2) for k in keys}
 
 
 def summarize(figures: dict[str, dict[str, Any]]) -> dict[str, Any]:
