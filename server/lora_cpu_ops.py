@@ -45,7 +45,6 @@ import operator
 import os
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any
 
 import torch  # noqa: TID253 - runs inside vLLM's engine processes, which have torch loaded
 
@@ -162,8 +161,9 @@ class FusedLoraWeights:
         if not rank:
             return fused
         library = lora_kernel.library() if KERNEL_ROWS else None
-        if library is not None and fused.a.dtype in lora_kernel.DTYPES:
-            return replace(fused, kernel=KernelWeights.of(fused, library))
+        call = lora_kernel.rows_call() if library is not None else None
+        if library is not None and call is not None and fused.a.dtype in lora_kernel.DTYPES:
+            return replace(fused, kernel=KernelWeights.of(fused, library, call))
         if SMALL_BATCH_ROWS:
             return replace(fused, small=SmallBatchWeights.of(fused))
         return fused
@@ -293,11 +293,13 @@ class KernelWeights:
     offsets: torch.Tensor
     ranks: torch.Tensor
     layer: lora_kernel.Layer
-    call: Callable[..., int]  # the kernel's entry point
-    ref: Any  # ctypes pointer to `layer`, made once
+    call: Callable[..., int]  # the kernel's entry point (`lora_kernel.rows_call`)
+    address: int  # of `layer`
 
     @classmethod
-    def of(cls, fused: FusedLoraWeights, library: ctypes.CDLL) -> KernelWeights:
+    def of(
+        cls, fused: FusedLoraWeights, library: ctypes.CDLL, call: Callable[..., int]
+    ) -> KernelWeights:
         slots, rank, out = fused.slots, fused.rank, fused.out_features
         if fused.a.dtype == torch.bfloat16 and library.loraplex_bf16_dot():
             b = fused.a.new_zeros((slots, (rank + 1) // 2, out, 2))  # ranks in pairs
@@ -307,8 +309,7 @@ class KernelWeights:
         offsets = torch.tensor((0, *itertools.accumulate(fused.slices)), dtype=torch.int64)
         ranks = torch.zeros(slots, dtype=torch.int64)
         layer = lora_kernel.layer(fused.a, b, live, offsets, ranks, fused.rank)
-        call, ref = library.loraplex_lora_rows, ctypes.pointer(layer)
-        kernel = cls(fused.a, b, live, offsets, ranks, layer, call, ref)
+        kernel = cls(fused.a, b, live, offsets, ranks, layer, call, ctypes.addressof(layer))
         kernel.copy_slots(fused, slice(None), fused.nonzero)
         return kernel
 
@@ -341,11 +342,12 @@ class KernelWeights:
         done) where the kernel does not take these tensors. Kept to few Python operations: it
         runs for every LoRA layer of every decode step."""
         code = lora_kernel.DTYPES.get(y.dtype)
-        if code is None or x.dtype is not y.dtype or y.stride(1) != 1 or x.stride(1) != 1:
+        y_strides, x_strides = y.stride(), x.stride()
+        if code is None or x.dtype is not y.dtype or y_strides[1] != 1 or x_strides[1] != 1:
             return False
         done = self.call(
-            y.data_ptr(), y.stride(0), x.data_ptr(), x.stride(0), code, layout.row_slots,
-            layout.rows, scale, self.ref,
+            y.data_ptr(), y_strides[0], x.data_ptr(), x_strides[0], code, layout.row_slots,
+            layout.rows, scale, self.address,
         )  # fmt: skip
         if done != 0:
             raise RuntimeError(f"CPU LoRA kernel failed ({done})")

@@ -1,5 +1,5 @@
 /* One LoRA-wrapped layer's LoRA for a decode-sized batch, every row with its own adapter, in one
- * call: the CPU kernel behind `server.lora_kernel` (loaded with ctypes; see that module).
+ * call: the CPU kernel behind `server.lora_kernel` (see that module).
  *
  *   y[row, :out] += scale * (x[row] @ A[slot]^T) @ B[slot]      for each row whose slot >= 0
  *
@@ -16,8 +16,15 @@
  *
  * Built by `server.lora_kernel` with the C compiler of the machine; `target_clones` compiles the
  * entry point for AVX-512, AVX2+FMA and plain x86-64 and picks one at load time, so one build
- * runs on any x86-64 CPU.
+ * runs on any x86-64 CPU. Where Python's headers are there (LORAPLEX_PYTHON), the library is also
+ * a Python extension module whose `rows` calls the entry point: the per-layer call then skips
+ * ctypes' argument conversion, which inside the model's run costs ~8 us a call (its code and data
+ * are out of the caches by the time each layer comes round).
  */
+#ifdef LORAPLEX_PYTHON
+#define PY_SSIZE_T_CLEAN
+#include <Python.h> /* first, as Python asks */
+#endif
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -269,6 +276,15 @@ typedef struct {
     float scale;
 } work;
 
+/* Ask for [p, p + bytes) in the L2 cache ahead of use. Inside the model's run each layer's
+ * adapter weights come from memory, as the base model's weights pushed them out of the caches
+ * since the last step; reading them at the pace of the arithmetic waits on each cache line in
+ * turn (the short rows defeat the hardware prefetcher), while these requests are all in flight
+ * at once. */
+static inline __attribute__((always_inline)) void prefetch(const void *p, int64_t bytes) {
+    for (int64_t o = 0; o < bytes; o += 64) __builtin_prefetch((const char *)p + o, 0, 2);
+}
+
 static inline __attribute__((always_inline)) void run_share(const work *w, int thread,
                                                             int threads, int bf16) {
     const loraplex_layer *L = w->layer;
@@ -361,7 +377,7 @@ CLONES int loraplex_lora_rows(void *y, int64_t y_stride, const void *x, int64_t 
         if (!grown) return -1;
         scratch = grown, capacity = need;
     }
-    float *xs = (float *)scratch, *h = xs + rows * in;
+    float *scratch_f32 = (float *)scratch, *h = scratch_f32 + rows * in;
     int64_t *order = (int64_t *)(h + rows * width), *group_slot = order + rows;
     int64_t *group_start = group_slot + rows, groups = 0, placed = 0;
     for (int64_t r = 0; r < rows; r++) { /* group the rows by slot, in order of first use */
@@ -376,17 +392,31 @@ CLONES int loraplex_lora_rows(void *y, int64_t y_stride, const void *x, int64_t 
     }
     group_start[groups] = placed;
     if (!groups) return 0;
-    uint16_t *xb = NULL;
+    /* x's rows in `order`, contiguous: x itself where it already is (a batch on one adapter),
+     * else copied into the scratch. The dot-product shrink reads them as bf16; the generic one
+     * (other CPUs, and the last ranks of an adapter whose rank is not a multiple of 4) as fp32. */
+    int in_place = x_stride == in;
+    for (int64_t j = 0; j < placed; j++) in_place &= order[j] == j;
+    const uint16_t *xb = NULL;
+    int fp32_rows = 1;
 #ifdef X86
     if (dtype == LORAPLEX_BF16 && layer->dtype == LORAPLEX_BF16 &&
         __builtin_cpu_supports("avx512bf16")) {
-        xb = (uint16_t *)(group_start + rows + 1);
-        for (int64_t j = 0; j < placed; j++)
-            memcpy(xb + j * in, (const uint16_t *)x + order[j] * x_stride, (size_t)in * 2);
+        fp32_rows = 0;
+        for (int64_t g = 0; g < groups; g++) fp32_rows |= layer->ranks[group_slot[g]] % 4 != 0;
+        if (in_place) {
+            xb = x;
+        } else {
+            uint16_t *copy = (uint16_t *)(group_start + rows + 1);
+            for (int64_t j = 0; j < placed; j++)
+                memcpy(copy + j * in, (const uint16_t *)x + order[j] * x_stride, (size_t)in * 2);
+            xb = copy;
+        }
     }
 #endif
-    for (int64_t j = 0; j < placed; j++) { /* fp32 copies: the generic shrink, odd widths */
-        float *dst = xs + j * in;
+    const float *xs = in_place && dtype == LORAPLEX_F32 ? x : scratch_f32;
+    for (int64_t j = 0; fp32_rows && xs == scratch_f32 && j < placed; j++) {
+        float *dst = scratch_f32 + j * in;
         if (dtype == LORAPLEX_BF16) {
             const uint16_t *src = (const uint16_t *)x + order[j] * x_stride;
             for (int64_t i = 0; i < in; i++) dst[i] = bf16_to_f32(src[i]);
@@ -410,3 +440,37 @@ CLONES int loraplex_lora_rows(void *y, int64_t y_stride, const void *x, int64_t 
         run(&w);
     return 0;
 }
+
+#ifdef LORAPLEX_PYTHON
+/* rows(y, y_stride, x, x_stride, dtype, row_slots, rows, scale, layer) -> int: loraplex_lora_rows
+ * with the addresses as ints. Keeps the GIL: the call is short and the caller is the model's
+ * only thread. */
+static PyObject *py_rows(PyObject *self, PyObject *const *args, Py_ssize_t count) {
+    (void)self;
+    if (count != 9) {
+        PyErr_SetString(PyExc_TypeError, "rows() takes 9 arguments");
+        return NULL;
+    }
+    void *y = PyLong_AsVoidPtr(args[0]);
+    const int64_t y_stride = PyLong_AsLongLong(args[1]);
+    const void *x = PyLong_AsVoidPtr(args[2]);
+    const int64_t x_stride = PyLong_AsLongLong(args[3]);
+    const int dtype = (int)PyLong_AsLong(args[4]);
+    const int64_t *row_slots = PyLong_AsVoidPtr(args[5]);
+    const int64_t rows = PyLong_AsLongLong(args[6]);
+    const double scale = PyFloat_AsDouble(args[7]);
+    const loraplex_layer *layer = PyLong_AsVoidPtr(args[8]);
+    if (PyErr_Occurred()) return NULL;
+    return PyLong_FromLong(
+        loraplex_lora_rows(y, y_stride, x, x_stride, dtype, row_slots, rows, (float)scale, layer));
+}
+
+static PyMethodDef methods[] = {
+    {"rows", (PyCFunction)(void (*)(void))py_rows, METH_FASTCALL, "loraplex_lora_rows"},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_lora_kernel", NULL, -1, methods};
+
+PyMODINIT_FUNC PyInit__lora_kernel(void) { return PyModule_Create(&module); }
+#endif

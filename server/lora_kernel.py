@@ -3,8 +3,9 @@
 Inside vLLM's model run every small torch call costs several microseconds of dispatch, and a
 layer's LoRA in torch is four to six of them (convert, shrink, mask, expand per slice, add) for
 what is a few microseconds of arithmetic. The kernel does the whole layer, every row on its own
-adapter, in one call through ctypes (no torch headers, so it builds in about a second with the
-machine's C compiler).
+adapter, in one call (no torch headers, so it builds in about a second with the machine's C
+compiler). The per-layer call goes through the library's own Python entry point (`rows`) where
+Python's headers were there to build it, else through ctypes; setup always uses ctypes.
 
 Built on first use (or ahead of time: `python -m server.lora_kernel`, which scripts/install.sh
 runs) into a cache folder (LORAPLEX_KERNEL_DIR, default ~/.cache/loraplex) under a name that
@@ -23,7 +24,10 @@ import os
 import platform
 import shutil
 import subprocess
+import sysconfig
 import tempfile
+from collections.abc import Callable
+from importlib import machinery, util
 from pathlib import Path
 
 import torch  # noqa: TID253 - runs inside vLLM's engine processes, which have torch loaded
@@ -59,11 +63,23 @@ def _compiler() -> str | None:
     return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
 
 
-def _library_name(compiler: str) -> str:
+def _python_flags() -> list[str]:
+    """Compiler flags that make the library a Python extension module too (`rows`), or none
+    where Python's headers are not installed."""
+    include = sysconfig.get_paths().get("include")
+    if not include or not Path(include, "Python.h").exists():
+        return []
+    return ["-DLORAPLEX_PYTHON", f"-I{include}"]
+
+
+def _library_name(compiler: str, flags: list[str]) -> str:
     version = subprocess.run(
         [compiler, "--version"], capture_output=True, text=True, check=False
     ).stdout.split("\n", 1)[0]
-    digest = hashlib.sha256(SOURCE.read_bytes() + version.encode()).hexdigest()[:16]
+    extension = (sysconfig.get_config_var("EXT_SUFFIX") or "") if flags else ""
+    digest = hashlib.sha256(
+        SOURCE.read_bytes() + version.encode() + " ".join(flags).encode() + extension.encode()
+    ).hexdigest()[:16]
     return f"lora_kernel-{platform.machine()}-{digest}.so"
 
 
@@ -81,13 +97,15 @@ def build(directory: Path | None = None) -> Path:
     if compiler is None:
         raise RuntimeError("no C compiler (cc, gcc or $CC) to build the CPU LoRA kernel")
     directory = directory or build_dir()
-    target = directory / _library_name(compiler)
+    flags = _python_flags()
+    target = directory / _library_name(compiler, flags)
     if target.exists():
         return target
     directory.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=directory) as tmp:  # several processes may build at once
         built = Path(tmp) / target.name
-        cmd = [compiler, "-O3", "-std=gnu11", "-shared", "-fPIC", "-o", str(built), str(SOURCE)]
+        cmd = [compiler, "-O3", "-std=gnu11", "-shared", "-fPIC", *flags, "-o", str(built)]
+        cmd.append(str(SOURCE))
         done = subprocess.run(cmd, capture_output=True, text=True, check=False)
         if done.returncode != 0:
             raise RuntimeError(f"building the CPU LoRA kernel failed: {done.stderr.strip()}")
@@ -95,10 +113,28 @@ def build(directory: Path | None = None) -> Path:
     return target
 
 
-@functools.cache
 def library() -> ctypes.CDLL | None:
     """The loaded kernel (built first if needed), or None where it cannot be: then the caller
     computes in torch. Says why once, in the log."""
+    loaded = _load()
+    return loaded[0] if loaded else None
+
+
+def rows_call() -> Callable[..., int] | None:
+    """The kernel's per-layer entry point, `loraplex_lora_rows(y, y_stride, x, x_stride, dtype,
+    row_slots, rows, scale, layer)` with every address an int; None without the kernel."""
+    loaded = _load()
+    return loaded[1] if loaded else None
+
+
+def reset() -> None:
+    """Forget the loaded kernel: the next use loads it (or declines to) again, under the
+    environment of then."""
+    _load.cache_clear()
+
+
+@functools.cache
+def _load() -> tuple[ctypes.CDLL, Callable[..., int]] | None:
     if os.environ.get(ENV_SWITCH) == "0":
         return None
     try:
@@ -112,14 +148,28 @@ def library() -> ctypes.CDLL | None:
     # y, y's row stride, x, x's row stride, dtype, row slots, rows, scale, layer
     fn.argtypes = [
         ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int,
-        ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.POINTER(Layer),
+        ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_void_p,
     ]  # fmt: skip
     lib.loraplex_bf16_dot.restype = ctypes.c_int
     openmp = _torch_openmp()
     if openmp is not None:
         lib.loraplex_set_openmp.argtypes = [ctypes.c_void_p] * len(openmp)
         lib.loraplex_set_openmp(*openmp)
-    return lib
+    return lib, _python_entry(path) or fn
+
+
+def _python_entry(path: Path) -> Callable[..., int] | None:
+    """`rows` of the library imported as a Python extension module (the same loaded library:
+    one copy of its state), or None where it was built without Python's headers."""
+    if not hasattr(ctypes.CDLL(str(path)), "PyInit__lora_kernel"):
+        return None
+    loader = machinery.ExtensionFileLoader("_lora_kernel", str(path))
+    spec = util.spec_from_file_location("_lora_kernel", path, loader=loader)
+    if spec is None:
+        return None
+    module = util.module_from_spec(spec)
+    loader.exec_module(module)
+    return module.rows
 
 
 def _torch_openmp() -> tuple[int, ...] | None:

@@ -150,6 +150,10 @@ def _fused_add_lora_linear(add_lora_linear: Any) -> Any:
             return
         try:
             weights = _fused_weights(self, lora_a_stacked, lora_b_stacked, output_slices)
+            kernel = weights.kernel  # decode steps: straight to the kernel, a frame saved
+            if kernel is not None and layout.rows <= lora_cpu_ops.KERNEL_ROWS:
+                if kernel.apply(y, x, layout, scale):
+                    return
             if weights.nonzero:  # else no loaded adapter has weights here (an MLP layer, often)
                 lora_cpu_ops.apply_fused_lora(y, x, layout, weights, scale)  # writes y last
         except Exception:

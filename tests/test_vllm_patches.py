@@ -7,6 +7,8 @@ Rows with an adapter slot must match vLLM's result; rows with slot -1 must get e
 
 from __future__ import annotations
 
+import ctypes
+
 import pytest
 
 torch = pytest.importorskip("torch")
@@ -442,24 +444,55 @@ def test_kernel_builds_once_per_source_and_can_be_switched_off(tmp_path, monkeyp
     assert lora_kernel.build(tmp_path) == built and built.stat().st_mtime_ns == stamp
     assert [p.name for p in tmp_path.iterdir()] == [built.name]  # no leftovers
     monkeypatch.setenv(lora_kernel.ENV_SWITCH, "0")
-    lora_kernel.library.cache_clear()
+    lora_kernel.reset()
     try:
         assert lora_kernel.library() is None
         a, b = _layer_stacks(2, (OUT,), torch.float32)
         assert lora_cpu_ops.FusedLoraWeights.build(a, b, (OUT,)).kernel is None
     finally:
         monkeypatch.delenv(lora_kernel.ENV_SWITCH)
-        lora_kernel.library.cache_clear()
+        lora_kernel.reset()
+
+
+def test_kernel_called_through_python_or_ctypes_gives_the_same_bits(tmp_path, monkeypatch):
+    """Where Python's headers are there, the library is also an extension module and the
+    per-layer call skips ctypes; without them it is called through ctypes. Same bits either way,
+    and a wrong call is a Python error, not a crash."""
+    slices = (OUT, 32, 32)
+    a, b = _layer_stacks(4, slices, torch.bfloat16)
+    indices = torch.tensor([2, 0, -1, 2, 1, 1])
+    x = torch.randn(len(indices), IN).to(torch.bfloat16)
+    results, entries = [], []
+    monkeypatch.setenv(lora_kernel.ENV_DIR, str(tmp_path))
+    try:
+        for headers in (True, False):
+            if not headers:
+                monkeypatch.setattr(lora_kernel, "_python_flags", list)
+            lora_kernel.reset()
+            entries.append(lora_kernel.rows_call())
+            weights = lora_cpu_ops.FusedLoraWeights.build(a, b, slices)
+            y = torch.zeros(len(indices), sum(slices), dtype=torch.bfloat16)
+            assert weights.kernel.apply(y, x, lora_cpu_ops.StepLayout.of(indices), 1.0)
+            results.append(y)
+    finally:
+        lora_kernel.reset()
+    assert torch.equal(results[0], results[1]) and results[0].any()
+    assert isinstance(entries[1], ctypes._CFuncPtr)  # no headers: ctypes
+    assert len(list(tmp_path.glob("lora_kernel-*.so"))) == 2  # one build per kind
+    if lora_kernel._python_flags():  # this machine has the headers: the extension's entry
+        assert type(entries[0]).__name__ == "builtin_function_or_method"
+        with pytest.raises(TypeError, match="9 arguments"):
+            entries[0](1, 2, 3)
 
 
 def test_kernel_missing_compiler_means_torch(tmp_path, monkeypatch):
     monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
     monkeypatch.setenv(lora_kernel.ENV_DIR, str(tmp_path))
-    lora_kernel.library.cache_clear()
+    lora_kernel.reset()
     try:
         assert lora_kernel.library() is None
     finally:
-        lora_kernel.library.cache_clear()
+        lora_kernel.reset()
 
 
 def test_step_layout():
@@ -625,6 +658,7 @@ def test_a_failing_fused_path_falls_back_instead_of_failing_the_step(monkeypatch
         raise RuntimeError("boom")
 
     monkeypatch.setattr(lora_cpu_ops, "apply_fused_lora", broken)
+    monkeypatch.setattr(lora_cpu_ops.KernelWeights, "apply", broken)  # decode steps' shortcut
     calls = []
     add_lora_linear = vllm_patches._fused_add_lora_linear(lambda *a, **k: calls.append(a))
     a, b = _layer_stacks(2, (OUT,), torch.float32)
