@@ -20,7 +20,13 @@ worker, for these implementations:
 and for decode (8 rows) and prefill (8 prompts of 40 tokens) batches with rows on no adapter,
 one adapter, or 4 adapters round-robin. It checks the three agree where vLLM's is right.
 
+With `--with-base` each layer's LoRA follows its base layer's product (the model's shapes), so
+the LoRA calls find the caches as the model's run leaves them: each layer's adapter weights,
+and the code that reads them, pushed out by the base weights since the layer before. The LoRA's
+cost is then the difference from `harness` (the base layers alone).
+
     .venv/bin/python bench/lora_ops.py
+    .venv/bin/python bench/lora_ops.py --attn-only --with-base --threads 2
 """
 
 from __future__ import annotations
@@ -111,13 +117,21 @@ class Layer:
     a: tuple[Any, ...]  # per slice: (slots, 1, rank, in)
     b: tuple[Any, ...]  # per slice: (slots, 1, out, rank)
     slices: tuple[int, ...]
+    base: Any = None  # (sum(slices), in): the base layer's weight, with --with-base
 
 
 def make_layers(
-    *, slots: int, rank: int, dtype: str, attn_only: bool = False, seed: int = 0
+    *,
+    slots: int,
+    rank: int,
+    dtype: str,
+    attn_only: bool = False,
+    with_base: bool = False,
+    seed: int = 0,
 ) -> list[Layer]:
     """Every LoRA-wrapped layer, weights in `dtype` (the model's); with `attn_only` the adapters
-    target q/k/v/o only, so the MLP layers' stacks stay zero (vLLM wraps them all the same)."""
+    target q/k/v/o only, so the MLP layers' stacks stay zero (vLLM wraps them all the same);
+    with `with_base` each layer has its base weight too (the model's shapes, random)."""
     import torch
 
     weight_dtype = getattr(torch, dtype)
@@ -134,8 +148,21 @@ def make_layers(
             (torch.randn(slots, 1, out, rank, generator=gen) * scale).to(weight_dtype)
             for out in slices
         )
-        layers.append(Layer(a=a, b=b, slices=slices))
+        base = None
+        if with_base:
+            base = (torch.randn(sum(slices), in_size, generator=gen) * 0.05).to(weight_dtype)
+        layers.append(Layer(a=a, b=b, slices=slices, base=base))
     return layers
+
+
+def _output(layer: Layer, x: Any, rows: int) -> Any:
+    """What the LoRA adds to: the base layer's product, as in the model (whose weights push the
+    adapters' out of the caches between layers), or zeros without base weights."""
+    import torch
+
+    if layer.base is not None:
+        return x @ layer.base.T
+    return torch.zeros(rows, sum(layer.slices), dtype=layer.a[0].dtype)
 
 
 def model_step(
@@ -150,16 +177,17 @@ def model_step(
         layout = StepLayout.of(indices)  # once per step (update_metadata)
         outputs = []
         for layer in layers:
-            y = torch.zeros(indices.shape[0], sum(layer.slices), dtype=layer.a[0].dtype)
+            x = inputs[layer.a[0].shape[-1]]
+            y = _output(layer, x, indices.shape[0])
             if layout.present:
-                apply_fused_lora(y, inputs[layer.a[0].shape[-1]], layout, ops.weights(layer))
+                apply_fused_lora(y, x, layout, ops.weights(layer))
             outputs.append(y)
         return outputs
     outputs = []
     rows = indices.shape[0]
     for layer in layers:
         x = inputs[layer.a[0].shape[-1]]
-        y = torch.zeros(rows, sum(layer.slices), dtype=layer.a[0].dtype)
+        y = _output(layer, x, rows)
         rank = layer.a[0].shape[-2]
         buffers = [torch.zeros(rows, rank, dtype=torch.float32) for _ in layer.slices]
         for a, buf in zip(layer.a, buffers, strict=True):
@@ -184,7 +212,11 @@ def row_indices(kind: str, rows: int, *, slots: int, per_row: int = 1) -> Any:
     return torch.tensor(per_seq, dtype=torch.long).repeat_interleave(per_row)
 
 
-def time_step(ops: Ops | Fused, layers: list[Layer], indices: Any, *, repeats: int) -> float:
+def time_steps(
+    impls: dict[str, Ops | Fused], layers: list[Layer], indices: Any, *, repeats: int
+) -> dict[str, float]:
+    """Median ms of one model step's LoRA calls, per implementation; the implementations take
+    turns (the order reversed every other turn), so the machine's drift hits them all alike."""
     import torch
 
     rows = indices.shape[0]
@@ -193,13 +225,15 @@ def time_step(ops: Ops | Fused, layers: list[Layer], indices: Any, *, repeats: i
         size: torch.randn(rows, size, generator=gen).to(layers[0].a[0].dtype)
         for size in (HIDDEN, INTERMEDIATE)
     }
-    model_step(ops, layers, inputs, indices)  # warm-up
-    times = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        model_step(ops, layers, inputs, indices)
-        times.append(time.perf_counter() - started)
-    return statistics.median(times) * 1000
+    for ops in impls.values():
+        model_step(ops, layers, inputs, indices)  # warm-up
+    times: dict[str, list[float]] = {name: [] for name in impls}
+    for turn in range(repeats):
+        for name in list(impls)[:: 1 if turn % 2 == 0 else -1]:
+            started = time.perf_counter()
+            model_step(impls[name], layers, inputs, indices)
+            times[name].append(time.perf_counter() - started)
+    return {name: round(statistics.median(t) * 1000, 2) for name, t in times.items()}
 
 
 def check_agreement(
@@ -232,6 +266,11 @@ def main(argv: list[str] | None = None) -> int:
         "--attn-only", action="store_true",
         help="adapters on q/k/v/o only: gate_up/down stay wrapped, their weights zero",
     )  # fmt: skip
+    p.add_argument(
+        "--with-base", action="store_true",
+        help="each LoRA call after its base layer's product (model-sized weights): the caches "
+        "as the model leaves them; `harness` is then the base layers alone",
+    )  # fmt: skip
     add_dtype_option(p, what="weights' and activations'")
     p.add_argument("--out", type=Path, default=None, help="write the figures as JSON")
     args = p.parse_args(argv)
@@ -244,7 +283,10 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(args.threads)
     impls = implementations()
-    layers = make_layers(slots=args.slots, rank=args.rank, dtype=dtype, attn_only=args.attn_only)
+    layers = make_layers(
+        slots=args.slots, rank=args.rank, dtype=dtype, attn_only=args.attn_only,
+        with_base=args.with_base,
+    )  # fmt: skip
     batches = {"decode x8": (8, 1), "prefill 8x40": (8, 40)}
     figures: dict[str, dict[str, float]] = {}
     wrapped = "qkv, o, gate_up, down" + (" (adapters on qkv, o only)" if args.attn_only else "")
@@ -257,10 +299,7 @@ def main(argv: list[str] | None = None) -> int:
         repeats = args.repeats if per_seq == 1 else max(3, args.repeats // 4)
         for kind in ("base", "one", "mixed"):
             indices = row_indices(kind, seqs, slots=args.slots, per_row=per_seq)
-            row = {
-                n: round(time_step(o, layers, indices, repeats=repeats), 2)
-                for n, o in impls.items()
-            }
+            row = time_steps(impls, layers, indices, repeats=repeats)
             figures[f"{batch} / {kind}"] = row
             print(f"{batch:<14} {kind:<8} " + " ".join(f"{row[n]:>9}" for n in impls))
     diffs = check_agreement(
@@ -270,7 +309,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         settings = {"slots": args.slots, "rank": args.rank, "threads": args.threads,
-                    "attn_only": args.attn_only, "dtype": dtype}  # fmt: skip
+                    "attn_only": args.attn_only, "with_base": args.with_base,
+                    "dtype": dtype}  # fmt: skip
         document = {
             "benchmark": "lora_ops", "machine": machine_info(dtype), "settings": settings,
             "ms_per_step": figures, "max_abs_diff": diffs,
