@@ -51,10 +51,17 @@ typedef struct {
     int64_t b_pairs;
 } loraplex_layer;
 
-/* Whether this CPU has AVX512-BF16's dot product (then bf16 models' B is kept in pairs). */
+static int bf16_dot_allowed = 1;
+
+/* 0: never use AVX512-BF16's dot product, whatever the CPU (the code other CPUs run; set before
+ * the layers' weights are laid out). */
+void loraplex_allow_bf16_dot(int allowed) { bf16_dot_allowed = allowed; }
+
+/* Whether the kernel uses AVX512-BF16's dot product: the CPU has it and it is allowed (then bf16
+ * models' B is kept in pairs). */
 int loraplex_bf16_dot(void) {
 #if defined(__x86_64__) && defined(__GNUC__)
-    return __builtin_cpu_supports("avx512bf16");
+    return bf16_dot_allowed && __builtin_cpu_supports("avx512bf16");
 #else
     return 0;
 #endif
@@ -400,8 +407,7 @@ CLONES int loraplex_lora_rows(void *y, int64_t y_stride, const void *x, int64_t 
     const uint16_t *xb = NULL;
     int fp32_rows = 1;
 #ifdef X86
-    if (dtype == LORAPLEX_BF16 && layer->dtype == LORAPLEX_BF16 &&
-        __builtin_cpu_supports("avx512bf16")) {
+    if (dtype == LORAPLEX_BF16 && layer->dtype == LORAPLEX_BF16 && loraplex_bf16_dot()) {
         fp32_rows = 0;
         for (int64_t g = 0; g < groups; g++) fp32_rows |= layer->ranks[group_slot[g]] % 4 != 0;
         if (in_place) {

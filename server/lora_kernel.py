@@ -37,6 +37,8 @@ log = logging.getLogger(__name__)
 SOURCE = Path(__file__).with_name("lora_kernel.c")
 ENV_SWITCH = "LORAPLEX_LORA_KERNEL"  # "0": never build or load it
 ENV_DIR = "LORAPLEX_KERNEL_DIR"  # where the built library goes (default: ~/.cache/loraplex)
+# "0": fp32 arithmetic even where the CPU has AVX512-BF16's dot product (what other CPUs run)
+ENV_BF16_DOT = "LORAPLEX_LORA_KERNEL_BF16_DOT"
 DTYPES = {torch.float32: 0, torch.bfloat16: 1}  # the kernel's dtype codes
 
 
@@ -151,6 +153,7 @@ def _load() -> tuple[ctypes.CDLL, Callable[..., int]] | None:
         ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_void_p,
     ]  # fmt: skip
     lib.loraplex_bf16_dot.restype = ctypes.c_int
+    lib.loraplex_allow_bf16_dot(int(os.environ.get(ENV_BF16_DOT) != "0"))
     openmp = _torch_openmp()
     if openmp is not None:
         lib.loraplex_set_openmp.argtypes = [ctypes.c_void_p] * len(openmp)

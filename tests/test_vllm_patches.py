@@ -7,6 +7,7 @@ Rows with an adapter slot must match vLLM's result; rows with slot -1 must get e
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 
 import pytest
@@ -195,20 +196,36 @@ def _without_kernel(monkeypatch):
     monkeypatch.setattr(lora_kernel, "library", lambda: None)
 
 
-@pytest.fixture(params=["kernel", "fp32-small-batches", "model-dtype"])
-def compute_path(request, monkeypatch):
-    """Every compute path for every batch: the C kernel (decode-sized batches where it builds),
-    torch in fp32 (decode-sized batches without the kernel; per-slice B when mixed) and torch in
-    the model's dtype (larger batches)."""
-    if request.param == "kernel" and lora_kernel.library() is None:
+@contextlib.contextmanager
+def _bf16_dot(allowed: bool):
+    """The kernel with or without AVX512-BF16's dot product (where the CPU has it: without, it
+    runs the code other CPUs run), for weights laid out inside the block."""
+    library = lora_kernel.library()
+    if library is None:
         pytest.fail("the CPU LoRA kernel did not build here (see the log)")
-    if request.param != "kernel":
-        _without_kernel(monkeypatch)
+    library.loraplex_allow_bf16_dot(int(allowed))
+    try:
+        yield
+    finally:
+        library.loraplex_allow_bf16_dot(1)
+
+
+@pytest.fixture(params=["kernel", "kernel-fp32", "fp32-small-batches", "model-dtype"])
+def compute_path(request, monkeypatch):
+    """Every compute path for every batch: the C kernel (decode-sized batches where it builds;
+    `kernel-fp32`: without AVX512-BF16's dot product, as on other CPUs), torch in fp32
+    (decode-sized batches without the kernel; per-slice B when mixed) and torch in the model's
+    dtype (larger batches)."""
     monkeypatch.setattr(lora_cpu_ops, "KERNEL_ROWS", 10_000)
     monkeypatch.setattr(
         lora_cpu_ops, "SMALL_BATCH_ROWS", 0 if request.param == "model-dtype" else 10_000
     )
-    return request.param
+    if not request.param.startswith("kernel"):
+        _without_kernel(monkeypatch)
+        yield request.param
+        return
+    with _bf16_dot(request.param == "kernel"):
+        yield request.param
 
 
 @pytest.fixture(params=["fp32-small-batches", "model-dtype"])
@@ -329,11 +346,13 @@ def test_fused_layer_skips_adapters_without_weights_for_it(compute_path):
 # -- the C kernel ---------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def kernel_on(monkeypatch):
-    if lora_kernel.library() is None:
-        pytest.fail("the CPU LoRA kernel did not build here (see the log)")
+@pytest.fixture(params=["bf16-dot", "fp32"])
+def kernel_on(request, monkeypatch):
+    """The kernel for every batch, with and without AVX512-BF16's dot product (the same where
+    the CPU does not have it)."""
     monkeypatch.setattr(lora_cpu_ops, "KERNEL_ROWS", 10_000)
+    with _bf16_dot(request.param == "bf16-dot"):
+        yield request.param
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -483,6 +502,22 @@ def test_kernel_called_through_python_or_ctypes_gives_the_same_bits(tmp_path, mo
         assert type(entries[0]).__name__ == "builtin_function_or_method"
         with pytest.raises(TypeError, match="9 arguments"):
             entries[0](1, 2, 3)
+
+
+def test_kernel_bf16_dot_can_be_switched_off(monkeypatch):
+    """LORAPLEX_LORA_KERNEL_BF16_DOT=0: fp32 arithmetic even on a CPU with AVX512-BF16 (the
+    bf16 weights' B then kept in fp32), read when the kernel loads."""
+    monkeypatch.setenv(lora_kernel.ENV_BF16_DOT, "0")
+    lora_kernel.reset()
+    try:
+        assert lora_kernel.library().loraplex_bf16_dot() == 0
+        a, b = _layer_stacks(2, (OUT,), torch.bfloat16)
+        weights = lora_cpu_ops.FusedLoraWeights.build(a, b, (OUT,))
+        assert weights.kernel.b.dtype == torch.float32 and weights.kernel.layer.b_pairs == 0
+    finally:
+        monkeypatch.delenv(lora_kernel.ENV_BF16_DOT)
+        lora_kernel.reset()
+        lora_kernel.library()  # loaded again: the dot product allowed again
 
 
 def test_kernel_missing_compiler_means_torch(tmp_path, monkeypatch):
