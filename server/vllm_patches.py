@@ -53,6 +53,7 @@ _PATCHED_FUNCTIONS = (
 _writes = 0
 _slot_writes: dict[int, int] = {}
 _epoch = 0
+_NOTHING: dict[int, Any] = {}  # an empty cache, never written
 # Layer calls that took vLLM's per-op path (with the replaced ops) instead of the fused one: a
 # batch of an unexpected shape, or a failure in the fused path; read by bench/lora_cpu.py.
 fallback_calls = 0
@@ -149,8 +150,17 @@ def _fused_add_lora_linear(add_lora_linear: Any) -> Any:
         if not layout.present:
             return
         try:
-            weights = _fused_weights(self, lora_a_stacked, lora_b_stacked, output_slices)
-            kernel = weights.kernel  # decode steps: straight to the kernel, a frame saved
+            # The cache lookup of `_fused_weights`, inline for the current entry: this runs for
+            # every LoRA layer of every step, and each Python call made here costs microseconds
+            # (the base layer just ran has pushed the interpreter's state out of the caches).
+            a0 = lora_a_stacked[0]
+            found = self.__dict__.get("_loraplex_fused", _NOTHING).get(id(a0))
+            current = found is not None and found.stack is a0 and found.epoch == _epoch
+            if current and found.writes == _writes:
+                weights = found.fused
+            else:
+                weights = _fused_weights(self, lora_a_stacked, lora_b_stacked, output_slices)
+            kernel = weights.kernel  # decode steps: straight to the kernel
             if kernel is not None and layout.rows <= lora_cpu_ops.KERNEL_ROWS:
                 if kernel.apply(y, x, layout, scale):
                     return
