@@ -30,7 +30,8 @@ computes in the dtype `loraplex serve` chooses for this CPU (`--dtype` to overri
 Profile, per scenario, in ms per engine step: `step` (EngineCore.step: scheduling + model),
 `forward` (worker execute_model) and `sample` (sample_tokens), and within the forward the LoRA
 parts vLLM's punica wrapper computes: `lora_linear` (every LoRA-wrapped linear layer),
-`lora_logits` (LM head), `lora_embedding`, `lora_metadata` (per-step slot layout).
+`lora_logits` (LM head), `lora_embedding`, `lora_metadata` (per-step slot layout); with
+`--profile-kernel`, `lora_kernel` (the C kernel's calls, inside `lora_linear`).
 
     .venv/bin/python bench/lora_cpu.py                  # writes bench/results/lora_cpu-*.json
     .venv/bin/python bench/lora_cpu.py --rounds 1 --requests 16
@@ -91,6 +92,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ops", default="vllm,loraplex", help=f"comma-separated subset of {OPS}")
     p.add_argument("--scenarios", default=",".join(SCENARIOS), help="comma-separated")
     p.add_argument("--max-lora-rank", type=int, default=16, help="engine's max_lora_rank")
+    p.add_argument(
+        "--profile-kernel", action="store_true",
+        help="also time the C kernel's calls (`lora_kernel` in the profile); the timer adds a "
+        "few us to each, so the ratios of such a run read low",
+    )  # fmt: skip
     add_dtype_option(p)
     add_model_options(p, work_dir_help="bench adapters")
     p.add_argument("--out", type=Path, default=None, help="JSON result file")
@@ -239,6 +245,10 @@ def run_worker(config: dict[str, Any]) -> dict[str, Any]:
 
         PunicaWrapperCPU.add_lora_linear = PunicaWrapperCPU.add_lora_linear.__wrapped__
     profile = _install_profile()
+    if config.get("profile_kernel"):
+        from server import lora_cpu_ops
+
+        profile.wrap(lora_cpu_ops.KernelWeights, "apply", "lora_kernel")
     llm = LLM(
         model=config["model"], dtype=config["dtype"], max_model_len=2048,
         max_num_seqs=config["concurrency"], enable_lora=True, max_loras=MAX_LORAS,
@@ -379,7 +389,7 @@ def main(argv: list[str] | None = None) -> int:
         "requests": args.requests, "concurrency": args.concurrency,
         "max_tokens": args.max_tokens, "max_lora_rank": args.max_lora_rank,
         "scenarios": list(scenarios), "dtype": choose_dtype(args.dtype).dtype,
-        "repeats": args.repeats,
+        "repeats": args.repeats, "profile_kernel": args.profile_kernel,
     }  # fmt: skip
     runs: dict[str, list[dict[str, Any]]] = {o: [] for o in ops}
     for round_no in range(args.rounds):
