@@ -283,15 +283,6 @@ typedef struct {
     float scale;
 } work;
 
-/* Ask for [p, p + bytes) in the L2 cache ahead of use. Inside the model's run each layer's
- * adapter weights come from memory, as the base model's weights pushed them out of the caches
- * since the last step; reading them at the pace of the arithmetic waits on each cache line in
- * turn (the short rows defeat the hardware prefetcher), while these requests are all in flight
- * at once. */
-static inline __attribute__((always_inline)) void prefetch(const void *p, int64_t bytes) {
-    for (int64_t o = 0; o < bytes; o += 64) __builtin_prefetch((const char *)p + o, 0, 2);
-}
-
 static inline __attribute__((always_inline)) void run_share(const work *w, int thread,
                                                             int threads, int bf16) {
     const loraplex_layer *L = w->layer;
