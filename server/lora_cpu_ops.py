@@ -161,9 +161,9 @@ class FusedLoraWeights:
         if not rank:
             return fused
         library = lora_kernel.library() if KERNEL_ROWS else None
-        call = lora_kernel.rows_call() if library is not None else None
-        if library is not None and call is not None and fused.a.dtype in lora_kernel.DTYPES:
-            return replace(fused, kernel=KernelWeights.of(fused, library, call))
+        if library is not None and fused.a.dtype in lora_kernel.DTYPES:
+            kernel = KernelWeights.of(fused, library, lora_kernel.rows_call())  # loaded together
+            return replace(fused, kernel=kernel)
         if SMALL_BATCH_ROWS:
             return replace(fused, small=SmallBatchWeights.of(fused))
         return fused

@@ -158,13 +158,14 @@ def _load() -> tuple[ctypes.CDLL, Callable[..., int]] | None:
     if openmp is not None:
         lib.loraplex_set_openmp.argtypes = [ctypes.c_void_p] * len(openmp)
         lib.loraplex_set_openmp(*openmp)
-    return lib, _python_entry(path) or fn
+    return lib, _python_entry(lib, path) or fn
 
 
-def _python_entry(path: Path) -> Callable[..., int] | None:
-    """`rows` of the library imported as a Python extension module (the same loaded library:
-    one copy of its state), or None where it was built without Python's headers."""
-    if not hasattr(ctypes.CDLL(str(path)), "PyInit__lora_kernel"):
+def _python_entry(lib: ctypes.CDLL, path: Path) -> Callable[..., int] | None:
+    """`rows` of the library (`lib`, loaded from `path`) imported as a Python extension module
+    (the same loaded library: one copy of its state), or None where it was built without
+    Python's headers."""
+    if not hasattr(lib, "PyInit__lora_kernel"):
         return None
     loader = machinery.ExtensionFileLoader("_lora_kernel", str(path))
     spec = util.spec_from_file_location("_lora_kernel", path, loader=loader)
