@@ -16,7 +16,7 @@
  *
  * Built by `server.lora_kernel` with the C compiler of the machine; `target_clones` compiles the
  * entry point for AVX-512, AVX2+FMA and plain x86-64 and picks one at load time, so one build
- * runs on any x86-64 CPU. Where Python's headers are there (LORAPLEX_PYTHON), the library is also
+ * runs on any x86-64 CPU (LORAPLEX_ONLY_AVX2 builds the AVX2+FMA code alone). Where Python's headers are there (LORAPLEX_PYTHON), the library is also
  * a Python extension module whose `rows` calls the entry point: the per-layer call then skips
  * ctypes' argument conversion, which inside the model's run costs ~8 us a call (its code and data
  * are out of the caches by the time each layer comes round).
@@ -31,7 +31,9 @@
 
 #if defined(__x86_64__) && defined(__GNUC__)
 #include <immintrin.h>
-#define X86 1
+#ifndef LORAPLEX_ONLY_AVX2
+#define X86 1 /* AVX512-BF16's dot product compiled in, used where the CPU has it */
+#endif
 #endif
 
 enum { LORAPLEX_F32 = 0, LORAPLEX_BF16 = 1 };
@@ -60,8 +62,17 @@ void loraplex_allow_bf16_dot(int allowed) { bf16_dot_allowed = allowed; }
 /* Whether the kernel uses AVX512-BF16's dot product: the CPU has it and it is allowed (then bf16
  * models' B is kept in pairs). */
 int loraplex_bf16_dot(void) {
-#if defined(__x86_64__) && defined(__GNUC__)
+#ifdef X86
     return bf16_dot_allowed && __builtin_cpu_supports("avx512bf16");
+#else
+    return 0;
+#endif
+}
+
+/* 1 where built with the AVX2+FMA code alone (LORAPLEX_ONLY_AVX2). */
+int loraplex_only_avx2(void) {
+#ifdef LORAPLEX_ONLY_AVX2
+    return 1;
 #else
     return 0;
 #endif
@@ -334,7 +345,11 @@ static inline __attribute__((always_inline)) void run_share(const work *w, int t
     }
 }
 
-#if defined(__x86_64__) && defined(__GNUC__)
+#if defined(__x86_64__) && defined(__GNUC__) && defined(LORAPLEX_ONLY_AVX2)
+/* The AVX2+FMA code alone, whatever the CPU has (LORAPLEX_LORA_KERNEL_ISA=avx2): what CPUs
+ * without AVX-512 run, made checkable and measurable on CPUs with it. */
+#define CLONES __attribute__((target("arch=x86-64-v3")))
+#elif defined(__x86_64__) && defined(__GNUC__)
 #define CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #else
 #define CLONES

@@ -11,7 +11,8 @@ Built on first use (or ahead of time: `python -m server.lora_kernel`, which scri
 runs) into a cache folder (LORAPLEX_KERNEL_DIR, default ~/.cache/loraplex) under a name that
 carries the hash of its source and compiler, so a changed source is never run stale. Where no C
 compiler is there, or LORAPLEX_LORA_KERNEL=0, `library()` is None and `server.lora_cpu_ops`
-computes in torch.
+computes in torch. LORAPLEX_LORA_KERNEL_ISA=avx2 builds the code of CPUs without AVX-512 alone,
+so that it can be tested and timed on CPUs with it.
 """
 
 from __future__ import annotations
@@ -32,6 +33,8 @@ from pathlib import Path
 
 import torch  # noqa: TID253 - runs inside vLLM's engine processes, which have torch loaded
 
+from loraplex.hardware import cpu_info
+
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("lora_kernel.c")
@@ -39,6 +42,9 @@ ENV_SWITCH = "LORAPLEX_LORA_KERNEL"  # "0": never build or load it
 ENV_DIR = "LORAPLEX_KERNEL_DIR"  # where the built library goes (default: ~/.cache/loraplex)
 # "0": fp32 arithmetic even where the CPU has AVX512-BF16's dot product (what other CPUs run)
 ENV_BF16_DOT = "LORAPLEX_LORA_KERNEL_BF16_DOT"
+# "avx2": build the AVX2+FMA code alone (no AVX-512, so no AVX512-BF16 dot product either), the
+# code CPUs without AVX-512 run, on any x86-64 CPU with AVX2; unset: every level, chosen at load
+ENV_ISA = "LORAPLEX_LORA_KERNEL_ISA"
 DTYPES = {torch.float32: 0, torch.bfloat16: 1}  # the kernel's dtype codes
 
 
@@ -74,11 +80,25 @@ def _python_flags() -> list[str]:
     return ["-DLORAPLEX_PYTHON", f"-I{include}"]
 
 
+def _isa_flags() -> list[str]:
+    """Compiler flags for the code level $LORAPLEX_LORA_KERNEL_ISA asks for. Raises RuntimeError
+    for a level this CPU cannot run or an unknown one."""
+    isa = os.environ.get(ENV_ISA, "")
+    if not isa:
+        return []
+    if isa != "avx2":
+        raise RuntimeError(f"{ENV_ISA}={isa!r}: the only level is avx2 (unset: every level)")
+    if "avx2" not in cpu_info().flags:
+        raise RuntimeError(f"{ENV_ISA}=avx2 on a CPU without AVX2 ({cpu_info().model})")
+    return ["-DLORAPLEX_ONLY_AVX2"]
+
+
 def _library_name(compiler: str, flags: list[str]) -> str:
     version = subprocess.run(
         [compiler, "--version"], capture_output=True, text=True, check=False
     ).stdout.split("\n", 1)[0]
-    extension = (sysconfig.get_config_var("EXT_SUFFIX") or "") if flags else ""
+    python = "-DLORAPLEX_PYTHON" in flags
+    extension = (sysconfig.get_config_var("EXT_SUFFIX") or "") if python else ""
     digest = hashlib.sha256(
         SOURCE.read_bytes() + version.encode() + " ".join(flags).encode() + extension.encode()
     ).hexdigest()[:16]
@@ -99,7 +119,7 @@ def build(directory: Path | None = None) -> Path:
     if compiler is None:
         raise RuntimeError("no C compiler (cc, gcc or $CC) to build the CPU LoRA kernel")
     directory = directory or build_dir()
-    flags = _python_flags()
+    flags = _python_flags() + _isa_flags()
     target = directory / _library_name(compiler, flags)
     if target.exists():
         return target

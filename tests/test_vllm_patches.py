@@ -15,6 +15,7 @@ import pytest
 torch = pytest.importorskip("torch")
 vllm_ops = pytest.importorskip("vllm.lora.ops.torch_ops")
 
+from loraplex.hardware import cpu_info  # noqa: E402
 from server import lora_cpu_ops, lora_kernel, vllm_patches  # noqa: E402
 
 SLOTS, IN, OUT = 4, 64, 96
@@ -210,12 +211,44 @@ def _bf16_dot(allowed: bool):
         library.loraplex_allow_bf16_dot(1)
 
 
-@pytest.fixture(params=["kernel", "kernel-fp32", "fp32-small-batches", "model-dtype"])
+@contextlib.contextmanager
+def _avx2_only(monkeypatch):
+    """The kernel built with its AVX2+FMA code alone (LORAPLEX_LORA_KERNEL_ISA=avx2): the code
+    CPUs without AVX-512 run, whatever this one has."""
+    if "avx2" not in cpu_info().flags:
+        pytest.skip("this CPU has no AVX2")
+    monkeypatch.setenv(lora_kernel.ENV_ISA, "avx2")
+    lora_kernel.reset()
+    try:
+        library = lora_kernel.library()
+        assert library is not None and library.loraplex_only_avx2() == 1
+        assert library.loraplex_bf16_dot() == 0
+        yield
+    finally:
+        monkeypatch.delenv(lora_kernel.ENV_ISA)
+        lora_kernel.reset()
+
+
+@contextlib.contextmanager
+def _kernel_code(monkeypatch, code: str):
+    """The kernel's code: "bf16-dot" (AVX512-BF16's dot product where the CPU has it), "fp32"
+    (without it, the fp32 arithmetic of other CPUs) or "avx2" (the AVX2+FMA build alone)."""
+    if code == "avx2":
+        with _avx2_only(monkeypatch):
+            yield
+    else:
+        with _bf16_dot(code == "bf16-dot"):
+            yield
+
+
+@pytest.fixture(
+    params=["kernel", "kernel-fp32", "kernel-avx2", "fp32-small-batches", "model-dtype"]
+)
 def compute_path(request, monkeypatch):
     """Every compute path for every batch: the C kernel (decode-sized batches where it builds;
-    `kernel-fp32`: without AVX512-BF16's dot product, as on other CPUs), torch in fp32
-    (decode-sized batches without the kernel; per-slice B when mixed) and torch in the model's
-    dtype (larger batches)."""
+    `kernel-fp32`: without AVX512-BF16's dot product, as on other CPUs; `kernel-avx2`: its AVX2
+    build), torch in fp32 (decode-sized batches without the kernel; per-slice B when mixed) and
+    torch in the model's dtype (larger batches)."""
     monkeypatch.setattr(lora_cpu_ops, "KERNEL_ROWS", 10_000)
     monkeypatch.setattr(
         lora_cpu_ops, "SMALL_BATCH_ROWS", 0 if request.param == "model-dtype" else 10_000
@@ -224,7 +257,8 @@ def compute_path(request, monkeypatch):
         _without_kernel(monkeypatch)
         yield request.param
         return
-    with _bf16_dot(request.param == "kernel"):
+    code = {"kernel": "bf16-dot", "kernel-fp32": "fp32", "kernel-avx2": "avx2"}[request.param]
+    with _kernel_code(monkeypatch, code):
         yield request.param
 
 
@@ -346,12 +380,12 @@ def test_fused_layer_skips_adapters_without_weights_for_it(compute_path):
 # -- the C kernel ---------------------------------------------------------------------------------
 
 
-@pytest.fixture(params=["bf16-dot", "fp32"])
+@pytest.fixture(params=["bf16-dot", "fp32", "avx2"])
 def kernel_on(request, monkeypatch):
     """The kernel for every batch, with and without AVX512-BF16's dot product (the same where
-    the CPU does not have it)."""
+    the CPU does not have it), and built with its AVX2 code alone."""
     monkeypatch.setattr(lora_cpu_ops, "KERNEL_ROWS", 10_000)
-    with _bf16_dot(request.param == "bf16-dot"):
+    with _kernel_code(monkeypatch, request.param):
         yield request.param
 
 
@@ -518,6 +552,29 @@ def test_kernel_bf16_dot_can_be_switched_off(monkeypatch):
         monkeypatch.delenv(lora_kernel.ENV_BF16_DOT)
         lora_kernel.reset()
         lora_kernel.library()  # loaded again: the dot product allowed again
+
+
+def test_kernel_isa_avx2_is_a_build_of_its_own_and_other_levels_are_refused(
+    tmp_path, monkeypatch, caplog
+):
+    """LORAPLEX_LORA_KERNEL_ISA=avx2 builds a second library beside the usual one (its name
+    carries the flag); a level the kernel has no build for leaves the kernel off, said in the
+    log, and LoRA in torch."""
+    monkeypatch.setenv(lora_kernel.ENV_DIR, str(tmp_path))
+    try:
+        for isa in ("", "avx2"):
+            monkeypatch.setenv(lora_kernel.ENV_ISA, isa)
+            lora_kernel.reset()
+            assert lora_kernel.library().loraplex_only_avx2() == int(isa == "avx2")
+        assert len(list(tmp_path.glob("lora_kernel-*.so"))) == 2
+        monkeypatch.setenv(lora_kernel.ENV_ISA, "avx512")
+        lora_kernel.reset()
+        with caplog.at_level("WARNING", logger=lora_kernel.__name__):
+            assert lora_kernel.library() is None
+        assert "the only level is avx2" in caplog.text
+    finally:
+        monkeypatch.delenv(lora_kernel.ENV_ISA)
+        lora_kernel.reset()
 
 
 def test_kernel_missing_compiler_means_torch(tmp_path, monkeypatch):
