@@ -33,6 +33,9 @@ parts vLLM's punica wrapper computes: `lora_linear` (every LoRA-wrapped linear l
 `lora_logits` (LM head), `lora_embedding`, `lora_metadata` (per-step slot layout); with
 `--profile-kernel`, `lora_kernel` (the C kernel's calls, inside `lora_linear`).
 
+`--isa avx2` runs the code an AVX2-only CPU runs, in fp32, on this CPU (bench/_isa.py says what
+is switched and what is not reproduced); each run records the code it used (`code`).
+
     .venv/bin/python bench/lora_cpu.py                  # writes bench/results/lora_cpu-*.json
     .venv/bin/python bench/lora_cpu.py --rounds 1 --requests 16
 """
@@ -55,6 +58,7 @@ from typing import Any
 if __package__ in (None, ""):  # run as a script: make `bench` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench import _isa
 from bench._adapters import ALL_ADAPTER_NAMES, ensure_adapters
 from bench._machine import machine_info, sample_foreign_cpu
 from bench._report import write_json
@@ -96,6 +100,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--profile-kernel", action="store_true",
         help="also time the C kernel's calls (`lora_kernel` in the profile); the timer adds a "
         "few us to each, so the ratios of such a run read low",
+    )  # fmt: skip
+    p.add_argument(
+        "--isa", choices=_isa.ISAS, default="native",
+        help="avx2: run the code an AVX2-only CPU runs (torch, oneDNN, vLLM's C++ ops, the "
+        "LoRA kernel; fp32 under --dtype auto) on this CPU (bench/_isa.py)",
     )  # fmt: skip
     add_dtype_option(p)
     add_model_options(p, work_dir_help="bench adapters")
@@ -231,6 +240,7 @@ def run_worker(config: dict[str, Any]) -> dict[str, Any]:
 
     for key, value in cpu_thread_defaults(len(os.sched_getaffinity(0))).items():
         os.environ.setdefault(key, value)
+    _isa.patch_torch(config.get("isa", "native"))  # before vLLM picks its C++ library
 
     from transformers import AutoTokenizer
     from vllm import LLM, SamplingParams
@@ -283,6 +293,7 @@ def run_worker(config: dict[str, Any]) -> dict[str, Any]:
             )
     results: dict[str, Any] = {s: _median_samples(runs) for s, runs in samples.items()}
     results["paired_ratios"] = paired_ratios(samples)
+    results["code"] = _isa.code_in_use()
     return results
 
 
@@ -293,7 +304,8 @@ def _run_one(config: dict[str, Any]) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "config.json"
         path.write_text(json.dumps(config))
-        subprocess.run([sys.executable, __file__, "--worker", str(path)], check=True)
+        env = os.environ | _isa.environment(config.get("isa", "native"))
+        subprocess.run([sys.executable, __file__, "--worker", str(path)], check=True, env=env)
         return json.loads((Path(tmp) / "result.json").read_text())
 
 
@@ -388,8 +400,9 @@ def main(argv: list[str] | None = None) -> int:
         "model": str(model), "adapters": {n: str(p) for n, p in adapters.items()},
         "requests": args.requests, "concurrency": args.concurrency,
         "max_tokens": args.max_tokens, "max_lora_rank": args.max_lora_rank,
-        "scenarios": list(scenarios), "dtype": choose_dtype(args.dtype).dtype,
-        "repeats": args.repeats, "profile_kernel": args.profile_kernel,
+        "scenarios": list(scenarios), "repeats": args.repeats,
+        "profile_kernel": args.profile_kernel, "isa": args.isa,
+        "dtype": choose_dtype(args.dtype, cpu=_isa.emulated_cpu(args.isa)).dtype,
     }  # fmt: skip
     runs: dict[str, list[dict[str, Any]]] = {o: [] for o in ops}
     for round_no in range(args.rounds):
@@ -415,6 +428,7 @@ def main(argv: list[str] | None = None) -> int:
     print("paired ratios (median):", json.dumps(
         {o: {k: v["median"] for k, v in p.items()} for o, p in paired.items()}, indent=2))  # fmt: skip
     print("arithmetic limit:", json.dumps(limit, indent=2))
+    print("code in use:", json.dumps({o: runs[o][0]["code"] for o in ops}))
     out = args.out or RESULTS_DIR / f"lora_cpu-{utc_stamp()}.json"
     write_json(out, {
         "benchmark": "lora_cpu", "machine": machine_info(config["dtype"]), "settings": config | {
