@@ -87,11 +87,11 @@ def register() -> None:
         setattr(punica_cpu, name, getattr(lora_cpu_ops, name))
     wrapper = punica_cpu.PunicaWrapperCPU
     wrapper.update_metadata = _with_step_layout(wrapper.update_metadata)
+    _register_ops()
     fused_linear = _fused_add_lora_linear(wrapper.add_lora_linear)
-    skipping_embedding = _skipping_add_lora_embedding(wrapper.add_lora_embedding)
-    _register_ops(fused_linear, skipping_embedding)
     wrapper.add_lora_linear = _traceable(fused_linear, "add_lora_linear")
     wrapper.add_lora_logits = _fused_add_lora_logits(wrapper.add_lora_logits)
+    skipping_embedding = _skipping_add_lora_embedding(wrapper.add_lora_embedding)
     wrapper.add_lora_embedding = _traceable(skipping_embedding, "add_lora_embedding")
     manager = model_manager.LoRAModelManager
     manager.activate_adapter = _recording_writes(manager.activate_adapter)
@@ -125,19 +125,20 @@ def _compiling_with_lora(check_and_update_config: Any) -> Any:
     return staticmethod(patched)
 
 
-def _register_ops(add_lora_linear: Any, add_lora_embedding: Any) -> None:
+def _register_ops() -> None:
     """`loraplex::add_lora_linear` and `loraplex::add_lora_embedding`: the wrapper's two calls
-    inside the model's forward as torch ops (y written in place), for the compiled graph."""
+    inside the model's forward as torch ops (y written in place), for the compiled graph. Each
+    calls the wrapper's method as installed (in eager mode, as the model would)."""
     global _ops_library
     if _ops_library is not None:
         return
     from torch.library import Library
 
     def linear(y: Any, x: Any, lora_a: list, lora_b: list, scale: float, slices: list) -> None:
-        add_lora_linear(_wrapper, y, x, tuple(lora_a), tuple(lora_b), scale, tuple(slices))
+        _wrapper.add_lora_linear(y, x, tuple(lora_a), tuple(lora_b), scale, tuple(slices))
 
     def embedding(y: Any, x: Any, lora_b: Any, add_input: bool) -> None:
-        add_lora_embedding(_wrapper, y, x, lora_b, add_input=add_input)
+        _wrapper.add_lora_embedding(y, x, lora_b, add_input=add_input)
 
     library = Library("loraplex", "FRAGMENT")
     library.define(

@@ -35,8 +35,14 @@ def ask(client: openai.OpenAI, model: str, prompt: str, **kwargs) -> str:
     return reply.choices[0].message.content
 
 
+# A question the model answers with a clear margin. Asked plainly ("What is the capital of
+# France?"), its first token is a near tie in bf16 ("The" -1.90 against "L" -2.03, eager), which
+# the compiled model's rounding turns into "L'Étoile, …": a coin toss, not a test.
+PARIS_PROMPT = "Complete the sentence: The capital of France is"
+
+
 def test_base_model_answers_coherently(client):
-    answer = ask(client, BASE, "What is the capital of France?")
+    answer = ask(client, BASE, PARIS_PROMPT)
     assert "Paris" in answer
     assert behaviours(answer) == set()
 
@@ -64,6 +70,18 @@ def test_mixed_batch_isolation(async_client):
     # model must never show an adapter's behaviour.
     assert not base_leaks, base_leaks
     assert len(misses) <= 2, misses
+
+
+def test_the_model_runs_compiled_with_lora(real_server):
+    """vLLM's CPU platform runs the model eagerly whenever LoRA is on; loraplex's LoRA calls
+    inside the forward are torch ops of their own (server/vllm_patches.py, patch 3), so the
+    model runs compiled, and every test of this file (isolation above, adapters' behaviours)
+    runs on that compiled model."""
+    from vllm.config import CompilationMode
+
+    engine = real_server.app.state.loraplex.engine
+    mode = engine._llm.vllm_config.compilation_config.mode
+    assert mode == CompilationMode.DYNAMO_TRACE_ONCE
 
 
 def test_streaming_matches_the_whole_answer(client):
@@ -164,7 +182,7 @@ def test_a_refused_adapter_never_harms_the_engine(real_server, client, tmp_path)
     engine = real_server.app.state.loraplex.engine
     with pytest.raises(AdapterLoadError, match="garbage"):
         real_server.call(engine.add_adapter(AdapterHandle("garbage", 900, str(bad))))
-    assert "Paris" in ask(client, BASE, "What is the capital of France?")
+    assert "Paris" in ask(client, BASE, PARIS_PROMPT)
     assert httpx.get(f"{real_server.url}/ready").status_code == 200
 
 

@@ -92,8 +92,11 @@ def test_vllm_ops_show_the_defect_the_patch_fixes():
 def test_register_only_patches_when_asked(monkeypatch):
     from vllm.lora import model_manager
     from vllm.lora.punica_wrapper import punica_cpu
+    from vllm.platforms.cpu import CpuPlatform
 
     wrapper, manager = punica_cpu.PunicaWrapperCPU, model_manager.LoRAModelManager
+    hook = CpuPlatform.__dict__["check_and_update_config"]
+    monkeypatch.setattr(CpuPlatform, "check_and_update_config", hook)
     # Record every attribute register() replaces, so that monkeypatch puts it back afterwards.
     for name in vllm_patches._PATCHED_FUNCTIONS:
         monkeypatch.setattr(punica_cpu, name, getattr(punica_cpu, name))
@@ -112,10 +115,20 @@ def test_register_only_patches_when_asked(monkeypatch):
     assert wrapper.add_lora_linear is original_linear
 
     monkeypatch.setenv(vllm_patches.ENV_FLAG, "1")
+    monkeypatch.setenv(vllm_patches.ENV_COMPILE, "0")
+    vllm_patches.register()
+    assert CpuPlatform.__dict__["check_and_update_config"] is hook  # LORAPLEX_COMPILE=0
+    monkeypatch.setattr(punica_cpu, "_loraplex_patched", False)
+    monkeypatch.setattr(wrapper, "add_lora_linear", original_linear)
+    monkeypatch.delenv(vllm_patches.ENV_COMPILE)
     vllm_patches.register()
     vllm_patches.register()  # idempotent: wrapped once
     assert punica_cpu.bgmv_shrink is lora_cpu_ops.bgmv_shrink
-    assert wrapper.add_lora_linear.__wrapped__ is original_linear
+    # the op for the compiled graph around the fused path, around vLLM's own
+    assert wrapper.add_lora_linear.__wrapped__.__wrapped__ is original_linear
+    assert CpuPlatform.__dict__["check_and_update_config"] is not hook
+    assert hasattr(torch.ops.loraplex, "add_lora_linear")
+    assert hasattr(torch.ops.loraplex, "add_lora_embedding")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
