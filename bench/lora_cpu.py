@@ -9,6 +9,9 @@ isolate the model's LoRA path), with LoRA ops:
   loraplex   what `loraplex serve` runs: fused per-layer products (linear layers, LM head),
              layers no adapter of the batch targets skipped, per-op replacements elsewhere;
              decode-sized batches in one call of the C kernel per layer (server/lora_kernel.c)
+  loraplex-eager
+             the same with the model run eagerly (LORAPLEX_COMPILE=0), as vLLM's CPU platform
+             runs it whenever LoRA is on: what compiling the model gains
   loraplex-torch
              the same with the kernel off (LORAPLEX_LORA_KERNEL=0): decode-sized batches in
              torch, fp32 (what runs where no C compiler is there)
@@ -73,7 +76,7 @@ from bench.serving import (
 )
 from loraplex.hardware import choose_dtype
 
-OPS = ("vllm", "segmented", "loraplex", "loraplex-torch", "loraplex-model-dtype")
+OPS = ("vllm", "segmented", "loraplex", "loraplex-eager", "loraplex-torch", "loraplex-model-dtype")
 SCENARIOS: dict[str, tuple[str | None, ...]] = {
     "base": (None,),
     "one": ALL_ADAPTER_NAMES[:1],
@@ -233,6 +236,8 @@ def run_worker(config: dict[str, Any]) -> dict[str, Any]:
         os.environ["LORAPLEX_LORA_KERNEL"] = "0"
     if config["ops"] == "loraplex-model-dtype":
         os.environ["LORAPLEX_LORA_FP32_ROWS"] = "0"
+    if config["ops"] in ("loraplex-eager", "segmented"):  # vLLM's per-op path cannot be traced
+        os.environ["LORAPLEX_COMPILE"] = "0"
     os.environ.setdefault("VLLM_TARGET_DEVICE", "cpu")
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
@@ -253,7 +258,8 @@ def run_worker(config: dict[str, Any]) -> dict[str, Any]:
     if config["ops"] == "segmented":  # loraplex's per-op replacements only, no fused products
         from vllm.lora.punica_wrapper.punica_cpu import PunicaWrapperCPU
 
-        PunicaWrapperCPU.add_lora_linear = PunicaWrapperCPU.add_lora_linear.__wrapped__
+        fused = PunicaWrapperCPU.add_lora_linear.__wrapped__  # under the op for compiling
+        PunicaWrapperCPU.add_lora_linear = fused.__wrapped__
     profile = _install_profile()
     if config.get("profile_kernel"):
         from server import lora_cpu_ops

@@ -21,7 +21,10 @@ from registry.service import Registry
 from registry.settings import RegistrySettings
 from tests.support.adapters import TRAINING_PAIRS
 
-STEPS, EVAL_EVERY = 12, 4
+# lr 1e-3 over 16 steps: an adapter that ends its answers on 5 of the 6 gate prompts whether the
+# model runs compiled or eagerly (2e-3 over 12 steps gave 4 of 6 compiled, 5 of 6 eager: the
+# loops of a barely trained adapter follow the last bit of rounding).
+STEPS, EVAL_EVERY = 16, 4
 
 
 def chat_rows(pairs: tuple[tuple[str, str], ...]) -> str:
@@ -61,7 +64,7 @@ def test_qlora_on_the_cpu_keeps_learning_through_its_evaluations_and_passes_the_
     home, out = tmp_path / "home", tmp_path / "run"
     args = ["train", "--method", "qlora", "--data", str(train), "--val", str(val),
             "--name", "shout-4bit", "--out", str(out), "--model", str(embedded_model_dir),
-            "--lr", "2e-3", "--schedule", "constant", "--max-steps", str(STEPS),
+            "--lr", "1e-3", "--schedule", "constant", "--max-steps", str(STEPS),
             "--batch-size", "8", "--max-seq-len", "128", "--eval-every", str(EVAL_EVERY),
             "--seed", "7", "--register", "--json", *registry_flags(home)]  # fmt: skip
     result = CliRunner().invoke(app, args)
@@ -70,7 +73,7 @@ def test_qlora_on_the_cpu_keeps_learning_through_its_evaluations_and_passes_the_
     metrics = json.loads((out / "metrics.json").read_text())
     train_loss = [e["loss"] for e in metrics["train_loss"]]
     evals = [e["loss"] for e in metrics["eval_loss"]]
-    assert [e["step"] for e in metrics["eval_loss"]] == [4, 8, 12]
+    assert [e["step"] for e in metrics["eval_loss"]] == [4, 8, 12, 16]
     windows = [sum(train_loss[i : i + 4]) / 4 for i in (0, 4, 8)]  # before, between, after
     assert windows[0] > windows[1] > windows[2], (windows, train_loss)
     assert evals[0] > evals[1] > evals[2], evals  # each evaluation sees a better model
