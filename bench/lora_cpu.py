@@ -130,7 +130,11 @@ class Profile:
         original = getattr(owner, name)
         seconds, calls = self.seconds, self.calls
 
+        import torch
+
         def timed(*args: Any, **kwargs: Any) -> Any:
+            if torch.compiler.is_compiling():  # traced into the model's graph: time nothing
+                return original(*args, **kwargs)
             started = time.perf_counter()
             try:
                 return original(*args, **kwargs)
