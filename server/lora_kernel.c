@@ -16,10 +16,11 @@
  *
  * Built by `server.lora_kernel` with the C compiler of the machine; `target_clones` compiles the
  * entry point for AVX-512, AVX2+FMA and plain x86-64 and picks one at load time, so one build
- * runs on any x86-64 CPU (LORAPLEX_ONLY_AVX2 builds the AVX2+FMA code alone). Where Python's headers are there (LORAPLEX_PYTHON), the library is also
- * a Python extension module whose `rows` calls the entry point: the per-layer call then skips
- * ctypes' argument conversion, which inside the model's run costs ~8 us a call (its code and data
- * are out of the caches by the time each layer comes round).
+ * runs on any x86-64 CPU (LORAPLEX_ONLY_AVX2 builds the AVX2+FMA code alone). Where Python's
+ * headers are there (LORAPLEX_PYTHON), the library is also a Python extension module whose
+ * `rows` calls the entry point: the per-layer call then skips ctypes' argument conversion, which
+ * inside the model's run costs ~8 us a call (its code and data are out of the caches by the time
+ * each layer comes round).
  */
 #ifdef LORAPLEX_PYTHON
 #define PY_SSIZE_T_CLEAN

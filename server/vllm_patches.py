@@ -23,8 +23,8 @@ stay exact (patch 1 holds). Should the fused path fail, the call takes the per-o
 
 Patch 3, the compiled model: vLLM's CPU platform runs the model eagerly whenever LoRA is on (its
 punica ops decide in Python, per step, what to compute, which a graph traced once would freeze;
-vllm#10617), and eager Python and per-op dispatch are about a third of a decode step here (the
-base model ran 266 tok/s eager against 365 compiled, 8 in flight). The two LoRA calls made inside
+vllm#10617), and eager Python and per-op dispatch were about a third of a decode step here
+(bench/README.md, "the model compiled with LoRA on": +42 % tok/s on the base model in bf16). The two LoRA calls made inside
 the model's forward (`add_lora_linear`, `add_lora_embedding`) are registered as torch ops of their
 own (`loraplex::add_lora_linear`, `loraplex::add_lora_embedding`), opaque to the compiler: the
 graph calls them at every step, and every decision is taken inside them, at run time, as in eager
@@ -89,10 +89,10 @@ def register() -> None:
     wrapper.update_metadata = _with_step_layout(wrapper.update_metadata)
     _register_ops()
     fused_linear = _fused_add_lora_linear(wrapper.add_lora_linear)
-    wrapper.add_lora_linear = _traceable(fused_linear, "add_lora_linear")
+    wrapper.add_lora_linear = _traceable(fused_linear, _trace_linear)
     wrapper.add_lora_logits = _fused_add_lora_logits(wrapper.add_lora_logits)
     skipping_embedding = _skipping_add_lora_embedding(wrapper.add_lora_embedding)
-    wrapper.add_lora_embedding = _traceable(skipping_embedding, "add_lora_embedding")
+    wrapper.add_lora_embedding = _traceable(skipping_embedding, _trace_embedding)
     manager = model_manager.LoRAModelManager
     manager.activate_adapter = _recording_writes(manager.activate_adapter)
     if os.environ.get(ENV_COMPILE) != "0":
@@ -154,26 +154,32 @@ def _register_ops() -> None:
     _ops_library = library
 
 
-def _traceable(method: Any, op_name: str) -> Any:
-    """`method` as it is in eager mode; while the compiler traces the model, a call of the
-    loraplex op instead, with every argument, so the graph makes the call at every step."""
+def _traceable(method: Any, traced: Any) -> Any:
+    """`method` as it is in eager mode; while the compiler traces the model, `traced` instead: a
+    call of the loraplex op with every argument, so the graph makes the call at every step."""
     import torch
 
     @functools.wraps(method)
-    def patched(self: Any, y: Any, x: Any, *args: Any, **kwargs: Any) -> Any:
-        if not torch.compiler.is_compiling():
-            return method(self, y, x, *args, **kwargs)
-        if op_name == "add_lora_linear":
-            lora_a, lora_b, scale, slices = args[:4]
-            torch.ops.loraplex.add_lora_linear(
-                y, x, list(lora_a), list(lora_b), scale, list(slices)
-            )
-        else:
-            (lora_b,) = args[:1]
-            torch.ops.loraplex.add_lora_embedding(y, x, lora_b, kwargs.get("add_input", True))
-        return y
+    def patched(self: Any, *args: Any, **kwargs: Any) -> Any:
+        if torch.compiler.is_compiling():
+            return traced(*args, **kwargs)
+        return method(self, *args, **kwargs)
 
     return patched
+
+
+def _trace_linear(y: Any, x: Any, lora_a: Any, lora_b: Any, scale: float, slices: Any) -> Any:
+    import torch
+
+    torch.ops.loraplex.add_lora_linear(y, x, list(lora_a), list(lora_b), scale, list(slices))
+    return y
+
+
+def _trace_embedding(y: Any, x: Any, lora_b: Any, add_input: bool = True) -> Any:
+    import torch
+
+    torch.ops.loraplex.add_lora_embedding(y, x, lora_b, add_input)
+    return y
 
 
 def _with_step_layout(update_metadata: Any) -> Any:

@@ -21,9 +21,9 @@ from registry.service import Registry
 from registry.settings import RegistrySettings
 from tests.support.adapters import TRAINING_PAIRS
 
-# lr 1e-3 over 16 steps: an adapter that ends its answers on 5 of the 6 gate prompts whether the
-# model runs compiled or eagerly (2e-3 over 12 steps gave 4 of 6 compiled, 5 of 6 eager: the
-# loops of a barely trained adapter follow the last bit of rounding).
+# lr 1e-3 over 16 steps: an adapter that ends its answers on 5 of the 6 gate prompts served by the
+# compiled model (2e-3 over 12 steps gave 4 of 6 compiled, 5 of 6 eager: the loops of a barely
+# trained adapter follow the last bit of rounding).
 STEPS, EVAL_EVERY = 16, 4
 
 
