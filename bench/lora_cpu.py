@@ -36,6 +36,11 @@ parts vLLM's punica wrapper computes: `lora_linear` (every LoRA-wrapped linear l
 `lora_logits` (LM head), `lora_embedding`, `lora_metadata` (per-step slot layout); with
 `--profile-kernel`, `lora_kernel` (the C kernel's calls, inside `lora_linear`).
 
+Agreement: per scenario, untimed, the top-5 log-probs of the first tokens of 32 greedy requests;
+each ops after the first is compared with the first (`agreement` in the results: the largest and
+median difference, and how many requests chose the same tokens). `--ops loraplex-eager,loraplex
+--dtype float32` checks that the compiled model computes what the eager one does.
+
 `--isa avx2` runs the code an AVX2-only CPU runs, in fp32, on this CPU (bench/_isa.py says what
 is switched and what is not reproduced); each run records the code it used (`code`).
 
@@ -84,6 +89,7 @@ SCENARIOS: dict[str, tuple[str | None, ...]] = {
     "mixed8": ALL_ADAPTER_NAMES[:8],
 }
 MAX_LORAS = len(ALL_ADAPTER_NAMES)
+AGREEMENT_REQUESTS, AGREEMENT_TOKENS = 32, 4  # what `top_logprobs` records per scenario
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -127,7 +133,9 @@ class Profile:
         self.calls: dict[str, int] = defaultdict(int)
 
     def wrap(self, owner: Any, name: str, label: str) -> None:
-        original = getattr(owner, name)
+        setattr(owner, name, self.timed(getattr(owner, name), label))
+
+    def timed(self, original: Any, label: str) -> Any:
         seconds, calls = self.seconds, self.calls
 
         import torch
@@ -142,7 +150,7 @@ class Profile:
                 seconds[label] += time.perf_counter() - started
                 calls[label] += 1
 
-        setattr(owner, name, timed)
+        return timed
 
     def reset(self) -> None:
         self.seconds.clear()
@@ -154,13 +162,16 @@ def _install_profile() -> Profile:
     from vllm.v1.engine.core import EngineCore
     from vllm.v1.worker.gpu_worker import Worker
 
+    from server import vllm_patches
+
     profile = Profile()
     # Wrapped after loraplex's patches (vLLM loads its plugins before the engine is built, and
     # LLM() below builds it), so the timers see whichever implementation is installed.
     profile.wrap(EngineCore, "step", "step")
     profile.wrap(Worker, "execute_model", "forward")
     profile.wrap(Worker, "sample_tokens", "sample")
-    profile.wrap(PunicaWrapperCPU, "add_lora_linear", "lora_linear")
+    profile.wrap(PunicaWrapperCPU, "add_lora_linear", "lora_linear")  # eager model run
+    profile.wrap(vllm_patches, "_run_layer", "lora_linear")  # compiled: loraplex::lora_layer
     profile.wrap(PunicaWrapperCPU, "update_metadata", "lora_metadata")
     profile.wrap(PunicaWrapperCPU, "add_lora_logits", "lora_logits")
     profile.wrap(PunicaWrapperCPU, "add_lora_embedding", "lora_embedding")
@@ -205,7 +216,45 @@ def measure_scenario(
     }
     print(f"  {config['ops']:>8} {scenario:<7} #{repeat + 1} {result['output_tokens_per_second']:>7}"
           f" tok/s  {result['ms_per_step']}", flush=True)  # fmt: skip
+    if repeat == 0:
+        result["top_logprobs"] = top_logprobs(llm, texts, loras)
     return result
+
+
+def top_logprobs(llm: Any, texts: list[str], loras: list[Any]) -> list[list[dict[str, float]]]:
+    """Greedy, untimed: per request (at most AGREEMENT_REQUESTS of them, in the scenario's mix),
+    per token of the first AGREEMENT_TOKENS, the top-5 log-probs by token id: what `agreement`
+    compares between ops."""
+    from vllm import SamplingParams
+
+    params = SamplingParams(temperature=0.0, max_tokens=AGREEMENT_TOKENS, logprobs=5)
+    count = min(len(texts), AGREEMENT_REQUESTS)
+    outputs = llm.generate(texts[:count], params, lora_request=loras[:count], use_tqdm=False)
+    return [
+        [{str(t): lp.logprob for t, lp in position.items()} for position in o.outputs[0].logprobs]
+        for o in outputs
+    ]
+
+
+def agreement(reference: list[list[dict[str, float]]], other: list[list[dict[str, float]]]
+              ) -> dict[str, Any]:  # fmt: skip
+    """How far one ops' top-5 log-probs are from the reference ops' on the same requests: over
+    the tokens of every position up to where the greedy choices first differ, the largest and
+    the median absolute difference; and the share of requests whose greedy tokens all agree."""
+    deltas: list[float] = []
+    same = 0
+    for ours, theirs in zip(reference, other, strict=True):
+        for a, b in zip(ours, theirs, strict=True):
+            deltas += [abs(a[t] - b[t]) for t in a.keys() & b.keys()]
+            if max(a, key=a.__getitem__) != max(b, key=b.__getitem__):
+                break
+        else:
+            same += 1
+    return {
+        "max_abs_logprob_diff": round(max(deltas, default=0.0), 6),
+        "median_abs_logprob_diff": round(statistics.median(deltas), 6) if deltas else 0.0,
+        "requests_same_tokens": f"{same}/{len(reference)}",
+    }
 
 
 def _median_samples(runs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -266,9 +315,11 @@ def run_worker(config: dict[str, Any]) -> dict[str, Any]:
         PunicaWrapperCPU.add_lora_linear = fused.__wrapped__
     profile = _install_profile()
     if config.get("profile_kernel"):
-        from server import lora_cpu_ops
+        from server import lora_cpu_ops, vllm_patches
 
-        profile.wrap(lora_cpu_ops.KernelWeights, "apply", "lora_kernel")
+        profile.wrap(lora_cpu_ops.KernelWeights, "apply", "lora_kernel")  # eager model run
+        build = vllm_patches._kernel_action  # compiled: the kernel call each layer's plan makes
+        vllm_patches._kernel_action = lambda *args: profile.timed(build(*args), "lora_kernel")
     llm = LLM(
         model=config["model"], dtype=config["dtype"], max_model_len=2048,
         max_num_seqs=config["concurrency"], enable_lora=True, max_loras=MAX_LORAS,
@@ -430,6 +481,13 @@ def main(argv: list[str] | None = None) -> int:
         for o in ops
     }
     limit = arithmetic_limit(model, adapters[ALL_ADAPTER_NAMES[0]], scenarios)
+    agreements = {
+        f"{o}/{ops[0]}": {
+            s: agreement(runs[ops[0]][0][s]["top_logprobs"], runs[o][0][s]["top_logprobs"])
+            for s in scenarios
+        }
+        for o in ops[1:]
+    }
     print("\noutput tok/s (median of rounds)")
     print(f"{'scenario':<9}" + "".join(f"{o:>12}" for o in ops))
     for s in scenarios:
@@ -439,12 +497,14 @@ def main(argv: list[str] | None = None) -> int:
         {o: {k: v["median"] for k, v in p.items()} for o, p in paired.items()}, indent=2))  # fmt: skip
     print("arithmetic limit:", json.dumps(limit, indent=2))
     print("code in use:", json.dumps({o: runs[o][0]["code"] for o in ops}))
+    if agreements:
+        print("top-5 log-probs against the first ops:", json.dumps(agreements, indent=2))
     out = args.out or RESULTS_DIR / f"lora_cpu-{utc_stamp()}.json"
     write_json(out, {
         "benchmark": "lora_cpu", "machine": machine_info(config["dtype"]), "settings": config | {
             "rounds": args.rounds, "max_loras": MAX_LORAS},
         "figures": figures, "ratios": ratios, "paired_ratios": paired,
-        "arithmetic_limit": limit, "runs": runs,
+        "arithmetic_limit": limit, "agreement": agreements, "runs": runs,
     })  # fmt: skip
     print(f"wrote {out}")
     return 0

@@ -1,8 +1,9 @@
-"""bench/lora_cpu.py's bookkeeping: the median of a scenario's repeats and the paired ratios."""
+"""bench/lora_cpu.py's bookkeeping: the median of a scenario's repeats, the paired ratios and
+the agreement of two ops' log-probs."""
 
 from __future__ import annotations
 
-from bench.lora_cpu import _median_samples, paired_ratios
+from bench.lora_cpu import _median_samples, agreement, paired_ratios
 
 
 def _run(tps: float, lora_ms: float) -> dict:
@@ -25,3 +26,19 @@ def test_median_of_repeats():
     assert merged["output_tokens_per_second"] == 120
     assert merged["repeats_output_tokens_per_second"] == [100, 300, 120]
     assert merged["ms_per_step"] == {"lora_linear": 2.0}
+
+
+def test_agreement_compares_top_logprobs_up_to_the_first_different_choice():
+    reference = [
+        [{"1": -0.1, "2": -2.5}, {"7": -0.5, "8": -1.0}],
+        [{"3": -0.2, "4": -1.9}, {"5": -0.3}],
+    ]
+    other = [
+        [{"1": -0.1, "2": -2.4, "9": -3.0}, {"7": -0.6, "8": -1.0}],  # token 9: not compared
+        [{"3": -1.5, "4": -1.0}, {"5": -9.0}],  # chose 4, not 3: the next position is not compared
+    ]
+    result = agreement(reference, other)
+    assert result["requests_same_tokens"] == "1/2"
+    assert abs(result["max_abs_logprob_diff"] - 1.3) < 1e-9
+    assert abs(result["median_abs_logprob_diff"] - 0.1) < 1e-9
+    assert agreement(reference, reference)["max_abs_logprob_diff"] == 0.0
