@@ -474,7 +474,7 @@ def main(argv: list[str] | None = None) -> int:
     ratios = summarize(figures)
     paired = {
         o: {
-            key: {"median": statistics.median(values), "samples": values}
+            key: {"median": round(statistics.median(values), 4), "samples": values}
             for key in runs[o][0]["paired_ratios"]
             for values in [[v for r in runs[o] for v in r["paired_ratios"][key]]]
         }

@@ -179,21 +179,22 @@ def _register_ops() -> None:
 def _numbering_layers(create_lora_modules: Any) -> Any:
     """The manager's `_create_lora_modules`, then each LoRA linear layer numbered (its
     `_loraplex_layer`) in its punica wrapper's `_loraplex_layers`, before the model is traced.
-    Numbers start at 0 in every wrapper and follow the model's module order, so a compiled
-    graph vLLM cached from an earlier engine of the same model and config names the same
-    layers."""
+    Numbers start at 0 in every engine and follow the model's module order, so a compiled graph
+    vLLM cached from an earlier engine of the same model and config names the same layers. A
+    model with several punica wrappers (a multimodal one: each part has its own batch layout)
+    is left unnumbered: its layers take `loraplex::add_lora_linear`."""
     from vllm.lora.layers.base_linear import BaseLinearLayerWithLoRA
 
     @functools.wraps(create_lora_modules)
     def patched(self: Any, *args: Any, **kwargs: Any) -> Any:
         created = create_lora_modules(self, *args, **kwargs)
-        for module in self.modules.values():
-            if isinstance(module, BaseLinearLayerWithLoRA) and "_loraplex_layer" not in vars(
-                module
-            ):
-                layers = vars(module.punica_wrapper).setdefault("_loraplex_layers", [])
-                module._loraplex_layer = len(layers)
-                layers.append(module)
+        layers = [m for m in self.modules.values() if isinstance(m, BaseLinearLayerWithLoRA)]
+        wrappers = {id(m.punica_wrapper): m.punica_wrapper for m in layers}
+        if len(wrappers) == 1:
+            (wrapper,) = wrappers.values()
+            wrapper._loraplex_layers = layers
+            for number, layer in enumerate(layers):
+                layer._loraplex_layer = number
         return created
 
     return patched

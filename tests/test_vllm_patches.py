@@ -875,3 +875,28 @@ def test_lora_layer_op_takes_what_the_kernel_declines_to_the_fused_path(monkeypa
     assert torch.count_nonzero(ours[2]) == 0 and per_op == []
     torch.ops.loraplex.lora_layer(torch.zeros(2, OUT), x[:2].contiguous(), 0)  # 2 rows, not 3
     assert len(per_op) == 1  # the fused path's own fallback: vLLM's per-op path, isolated
+
+
+def test_lora_layers_numbered_in_module_order_where_the_model_has_one_wrapper():
+    """`_create_lora_modules`, patched: every LoRA linear layer gets its number for
+    `loraplex::lora_layer`, from 0 in module order; a model with several punica wrappers (each
+    with its own batch layout) keeps vLLM's calls through `loraplex::add_lora_linear`."""
+    from vllm.lora.layers.base_linear import BaseLinearLayerWithLoRA
+
+    def layer(wrapper):
+        module = BaseLinearLayerWithLoRA.__new__(BaseLinearLayerWithLoRA)  # no weights needed
+        module.punica_wrapper = wrapper
+        return module
+
+    create = vllm_patches._numbering_layers(lambda self: "created")
+    wrapper = types.SimpleNamespace()
+    modules = {"qkv": layer(wrapper), "embedding": object(), "o": layer(wrapper)}
+    assert create(types.SimpleNamespace(modules=modules)) == "created"
+    assert wrapper._loraplex_layers == [modules["qkv"], modules["o"]]
+    assert [m._loraplex_layer for m in wrapper._loraplex_layers] == [0, 1]
+
+    text, vision = types.SimpleNamespace(), types.SimpleNamespace()
+    modules = {"text": layer(text), "vision": layer(vision)}
+    create(types.SimpleNamespace(modules=modules))
+    assert not any("_loraplex_layer" in vars(m) for m in modules.values())
+    assert not hasattr(text, "_loraplex_layers")
