@@ -24,12 +24,17 @@ stay exact (patch 1 holds). Should the fused path fail, the call takes the per-o
 Patch 3, the compiled model: vLLM's CPU platform runs the model eagerly whenever LoRA is on (its
 punica ops decide in Python, per step, what to compute, which a graph traced once would freeze;
 vllm#10617), and eager Python and per-op dispatch were about a third of a decode step here
-(bench/README.md, "the model compiled with LoRA on": +42 % tok/s on the base model in bf16). The two LoRA calls made inside
-the model's forward (`add_lora_linear`, `add_lora_embedding`) are registered as torch ops of their
-own (`loraplex::add_lora_linear`, `loraplex::add_lora_embedding`), opaque to the compiler: the
-graph calls them at every step, and every decision is taken inside them, at run time, as in eager
-mode. The LM head's LoRA runs outside the compiled forward. With that, the platform's choice is
-undone (`_compiling_with_lora`), unless LORAPLEX_COMPILE=0 or the user asked for eager mode.
+(bench/README.md, "the model compiled with LoRA on": +42 % tok/s on the base model in bf16). The
+LoRA calls made inside the model's forward are torch ops of their own, opaque to the compiler:
+the graph calls them at every step, and every decision is taken inside them, at run time, as in
+eager mode. Each LoRA linear layer calls `loraplex::lora_layer` with its number (given when vLLM
+creates the layers; one int to pass, where tensor lists cost three times the dispatch); what a
+layer does is planned once per batch layout until an adapter is written (`_make_plan`): nothing
+for a layer no adapter of the batch has weights for (half the layers when adapters target
+attention), one kernel call on decode steps, else the fused path. Other callers of the wrapper's
+`add_lora_linear` get `loraplex::add_lora_linear`, the embedding `loraplex::add_lora_embedding`;
+the LM head's LoRA runs outside the compiled forward. With that, the platform's choice is undone
+(`_compiling_with_lora`), unless LORAPLEX_COMPILE=0 or the user asked for eager mode.
 """
 
 from __future__ import annotations
