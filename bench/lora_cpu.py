@@ -133,9 +133,7 @@ class Profile:
         self.calls: dict[str, int] = defaultdict(int)
 
     def wrap(self, owner: Any, name: str, label: str) -> None:
-        setattr(owner, name, self.timed(getattr(owner, name), label))
-
-    def timed(self, original: Any, label: str) -> Any:
+        original = getattr(owner, name)
         seconds, calls = self.seconds, self.calls
 
         import torch
@@ -150,7 +148,7 @@ class Profile:
                 seconds[label] += time.perf_counter() - started
                 calls[label] += 1
 
-        return timed
+        setattr(owner, name, timed)
 
     def reset(self) -> None:
         self.seconds.clear()
