@@ -133,7 +133,9 @@ class Profile:
         self.calls: dict[str, int] = defaultdict(int)
 
     def wrap(self, owner: Any, name: str, label: str) -> None:
-        original = getattr(owner, name)
+        setattr(owner, name, self.timed(getattr(owner, name), label))
+
+    def timed(self, original: Any, label: str) -> Any:
         seconds, calls = self.seconds, self.calls
 
         import torch
@@ -148,7 +150,7 @@ class Profile:
                 seconds[label] += time.perf_counter() - started
                 calls[label] += 1
 
-        setattr(owner, name, timed)
+        return timed
 
     def reset(self) -> None:
         self.seconds.clear()
@@ -160,13 +162,16 @@ def _install_profile() -> Profile:
     from vllm.v1.engine.core import EngineCore
     from vllm.v1.worker.gpu_worker import Worker
 
+    from server import vllm_patches
+
     profile = Profile()
     # Wrapped after loraplex's patches (vLLM loads its plugins before the engine is built, and
     # LLM() below builds it), so the timers see whichever implementation is installed.
     profile.wrap(EngineCore, "step", "step")
     profile.wrap(Worker, "execute_model", "forward")
     profile.wrap(Worker, "sample_tokens", "sample")
-    profile.wrap(PunicaWrapperCPU, "add_lora_linear", "lora_linear")
+    profile.wrap(PunicaWrapperCPU, "add_lora_linear", "lora_linear")  # eager model run
+    profile.wrap(vllm_patches, "_run_layer", "lora_linear")  # compiled: loraplex::lora_layer
     profile.wrap(PunicaWrapperCPU, "update_metadata", "lora_metadata")
     profile.wrap(PunicaWrapperCPU, "add_lora_logits", "lora_logits")
     profile.wrap(PunicaWrapperCPU, "add_lora_embedding", "lora_embedding")
@@ -310,9 +315,11 @@ def run_worker(config: dict[str, Any]) -> dict[str, Any]:
         PunicaWrapperCPU.add_lora_linear = fused.__wrapped__
     profile = _install_profile()
     if config.get("profile_kernel"):
-        from server import lora_cpu_ops
+        from server import lora_cpu_ops, vllm_patches
 
-        profile.wrap(lora_cpu_ops.KernelWeights, "apply", "lora_kernel")
+        profile.wrap(lora_cpu_ops.KernelWeights, "apply", "lora_kernel")  # eager model run
+        build = vllm_patches._kernel_action  # compiled: the kernel call each layer's plan makes
+        vllm_patches._kernel_action = lambda *args: profile.timed(build(*args), "lora_kernel")
     llm = LLM(
         model=config["model"], dtype=config["dtype"], max_model_len=2048,
         max_num_seqs=config["concurrency"], enable_lora=True, max_loras=MAX_LORAS,

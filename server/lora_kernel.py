@@ -93,16 +93,16 @@ def _isa_flags() -> list[str]:
     return ["-DLORAPLEX_ONLY_AVX2"]
 
 
-def _library_name(compiler: str, flags: list[str]) -> str:
+def _library_name(source: Path, compiler: str, flags: list[str]) -> str:
     version = subprocess.run(
         [compiler, "--version"], capture_output=True, text=True, check=False
     ).stdout.split("\n", 1)[0]
     python = "-DLORAPLEX_PYTHON" in flags
     extension = (sysconfig.get_config_var("EXT_SUFFIX") or "") if python else ""
     digest = hashlib.sha256(
-        SOURCE.read_bytes() + version.encode() + " ".join(flags).encode() + extension.encode()
+        source.read_bytes() + version.encode() + " ".join(flags).encode() + extension.encode()
     ).hexdigest()[:16]
-    return f"lora_kernel-{platform.machine()}-{digest}.so"
+    return f"{source.stem}-{platform.machine()}-{digest}.so"
 
 
 def build_dir() -> Path:
@@ -115,22 +115,29 @@ def build_dir() -> Path:
 def build(directory: Path | None = None) -> Path:
     """Compile the kernel into `directory` (default `build_dir()`) unless it is there already;
     the library's path. Raises RuntimeError without a C compiler or when compiling fails."""
+    return compile_library(SOURCE, _python_flags() + _isa_flags(), directory, "the CPU LoRA kernel")
+
+
+def compile_library(source: Path, flags: list[str], directory: Path | None, what: str) -> Path:
+    """Compile the C file `source` into a shared library in `directory` (default `build_dir()`)
+    under a name that carries the hash of the source, the compiler and `flags`, unless it is
+    there already; the library's path. Raises RuntimeError (naming `what`) without a C compiler
+    or when compiling fails."""
     compiler = _compiler()
     if compiler is None:
-        raise RuntimeError("no C compiler (cc, gcc or $CC) to build the CPU LoRA kernel")
+        raise RuntimeError(f"no C compiler (cc, gcc or $CC) to build {what}")
     directory = directory or build_dir()
-    flags = _python_flags() + _isa_flags()
-    target = directory / _library_name(compiler, flags)
+    target = directory / _library_name(source, compiler, flags)
     if target.exists():
         return target
     directory.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=directory) as tmp:  # several processes may build at once
         built = Path(tmp) / target.name
         cmd = [compiler, "-O3", "-std=gnu11", "-shared", "-fPIC", *flags, "-o", str(built)]
-        cmd.append(str(SOURCE))
+        cmd.append(str(source))
         done = subprocess.run(cmd, capture_output=True, text=True, check=False)
         if done.returncode != 0:
-            raise RuntimeError(f"building the CPU LoRA kernel failed: {done.stderr.strip()}")
+            raise RuntimeError(f"building {what} failed: {done.stderr.strip()}")
         os.replace(built, target)
     return target
 

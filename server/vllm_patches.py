@@ -25,11 +25,18 @@ Patch 3, the compiled model: vLLM's CPU platform runs the model eagerly whenever
 punica ops decide in Python, per step, what to compute, which a graph traced once would freeze;
 vllm#10617), and eager Python and per-op dispatch were about a third of a decode step here
 (bench/README.md, "the model compiled with LoRA on": +42 % tok/s on the base model in bf16). The two LoRA calls made inside
-the model's forward (`add_lora_linear`, `add_lora_embedding`) are registered as torch ops of their
-own (`loraplex::add_lora_linear`, `loraplex::add_lora_embedding`), opaque to the compiler: the
-graph calls them at every step, and every decision is taken inside them, at run time, as in eager
-mode. The LM head's LoRA runs outside the compiled forward. With that, the platform's choice is
-undone (`_compiling_with_lora`), unless LORAPLEX_COMPILE=0 or the user asked for eager mode.
+the model's forward are registered as torch ops of their own, opaque to the compiler: each LoRA
+linear layer calls `loraplex::lora_layer` with its number, which runs the plan made for the
+step's batch layout (nothing, one C kernel call, or the fused path); `loraplex::add_lora_linear`
+and `loraplex::add_lora_embedding` take the wrapper's other calls. The graph calls them at every
+step, and every decision is taken inside them, at run time, as in eager mode. The LM head's LoRA
+runs outside the compiled forward. With that, the platform's choice is undone
+(`_compiling_with_lora`), unless LORAPLEX_COMPILE=0 or the user asked for eager mode.
+
+Patch 4, CPython's frame stack (`server.frame_stack`): those ops are Python functions called
+from one depth of the stack 120 times a step; where that depth sits on a frame-stack chunk
+boundary, CPython 3.11 maps and unmaps a chunk on every call (gh-142183). A cache in front of
+CPython's arena allocator keeps the chunk.
 """
 
 from __future__ import annotations
@@ -41,7 +48,7 @@ import sys
 from dataclasses import dataclass
 from typing import Any
 
-from server import lora_cpu_ops
+from server import frame_stack, lora_cpu_ops
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +75,15 @@ _NOTHING: dict[int, Any] = {}  # an empty cache, never written
 # The punica wrapper whose step metadata was set last: the model's (one per engine process); the
 # compiled graph's LoRA ops act through it.
 _wrapper: Any = None
+_layout: Any = None  # the StepLayout `_wrapper` computed last
 _ops_library: Any = None  # keeps the loraplex:: ops registered
+_fused_linear: Any = None  # the wrapper's add_lora_linear, fused (`_fused_add_lora_linear`)
+# What `loraplex::lora_layer` does for each LoRA linear layer (by number) under the current
+# layout: None (nothing to add), a kernel call, or the fused path. Built on a layer's first call
+# after the layout or the weights changed; kept per (slots present, kernel-sized) until the
+# weights change, so a decode loop builds it once.
+_plan: tuple[Any, ...] | None = None
+_plans: dict[tuple[tuple[int, ...], bool], tuple[Any, ...]] = {}
 # Layer calls that took vLLM's per-op path (with the replaced ops) instead of the fused one: a
 # batch of an unexpected shape, or a failure in the fused path; read by bench/lora_cpu.py.
 fallback_calls = 0
@@ -79,22 +94,29 @@ def register() -> None:
     if os.environ.get(ENV_FLAG) != "1":
         return
     from vllm.lora import model_manager
+    from vllm.lora.layers import base_linear
     from vllm.lora.punica_wrapper import punica_cpu
 
     if getattr(punica_cpu, "_loraplex_patched", False):
         return
+    frame_stack.install()  # patch 4
     for name in _PATCHED_FUNCTIONS:
         setattr(punica_cpu, name, getattr(lora_cpu_ops, name))
     wrapper = punica_cpu.PunicaWrapperCPU
     wrapper.update_metadata = _with_step_layout(wrapper.update_metadata)
     _register_ops()
-    fused_linear = _fused_add_lora_linear(wrapper.add_lora_linear)
+    global _fused_linear
+    fused_linear = _fused_linear = _fused_add_lora_linear(wrapper.add_lora_linear)
     wrapper.add_lora_linear = _traceable(fused_linear, _trace_linear)
     wrapper.add_lora_logits = _fused_add_lora_logits(wrapper.add_lora_logits)
     skipping_embedding = _skipping_add_lora_embedding(wrapper.add_lora_embedding)
     wrapper.add_lora_embedding = _traceable(skipping_embedding, _trace_embedding)
     manager = model_manager.LoRAModelManager
     manager.activate_adapter = _recording_writes(manager.activate_adapter)
+    manager._create_lora_modules = _numbering_layers(manager._create_lora_modules)
+    linear_layer = base_linear.BaseLinearLayerWithLoRA
+    linear_layer._loraplex_layer = -1  # not numbered (not created by a LoRAModelManager)
+    linear_layer._apply_lora_to_output = _traceable_layer(linear_layer._apply_lora_to_output)
     if os.environ.get(ENV_COMPILE) != "0":
         from vllm.platforms import cpu as cpu_platform
 
@@ -126,13 +148,19 @@ def _compiling_with_lora(check_and_update_config: Any) -> Any:
 
 
 def _register_ops() -> None:
-    """`loraplex::add_lora_linear` and `loraplex::add_lora_embedding`: the wrapper's two calls
-    inside the model's forward as torch ops (y written in place), for the compiled graph. Each
-    calls the wrapper's method as installed (in eager mode, as the model would)."""
+    """The wrapper's calls inside the model's forward as torch ops (y written in place), for the
+    compiled graph: `loraplex::lora_layer` for the model's LoRA linear layers, by number (one
+    int to pass: the op's dispatch is a third of what it is with the weights as tensor lists);
+    `loraplex::add_lora_linear` for any other caller of the wrapper's `add_lora_linear`;
+    `loraplex::add_lora_embedding`. The last two call the wrapper's method as installed (in
+    eager mode, as the model would)."""
     global _ops_library
     if _ops_library is not None:
         return
     from torch.library import Library
+
+    def layer(y: Any, x: Any, number: int) -> None:
+        _run_layer(y, x, number)  # looked up per call, so that a profiler can wrap it
 
     def linear(y: Any, x: Any, lora_a: list, lora_b: list, scale: float, slices: list) -> None:
         _wrapper.add_lora_linear(y, x, tuple(lora_a), tuple(lora_b), scale, tuple(slices))
@@ -141,6 +169,7 @@ def _register_ops() -> None:
         _wrapper.add_lora_embedding(y, x, lora_b, add_input=add_input)
 
     library = Library("loraplex", "FRAGMENT")
+    library.define("lora_layer(Tensor(a!) y, Tensor x, int layer) -> ()")
     library.define(
         "add_lora_linear(Tensor(a!) y, Tensor x, Tensor[] lora_a, Tensor[] lora_b, float scale, "
         "SymInt[] slices) -> ()"
@@ -148,10 +177,131 @@ def _register_ops() -> None:
     library.define(
         "add_lora_embedding(Tensor(a!) y, Tensor x, Tensor lora_b, bool add_input) -> ()"
     )
-    for name, impl in (("add_lora_linear", linear), ("add_lora_embedding", embedding)):
+    ops = (("lora_layer", layer), ("add_lora_linear", linear), ("add_lora_embedding", embedding))
+    for name, impl in ops:
         library.impl(name, impl, "CPU")
         library._register_fake(name, lambda *args, **kwargs: None)
     _ops_library = library
+
+
+def _numbering_layers(create_lora_modules: Any) -> Any:
+    """The manager's `_create_lora_modules`, then each LoRA linear layer numbered (its
+    `_loraplex_layer`) in its punica wrapper's `_loraplex_layers`, before the model is traced.
+    Numbers start at 0 in every engine and follow the model's module order, so a compiled graph
+    vLLM cached from an earlier engine of the same model and config names the same layers. A
+    model with several punica wrappers (a multimodal one: each part has its own batch layout)
+    is left unnumbered: its layers take `loraplex::add_lora_linear`."""
+    from vllm.lora.layers.base_linear import BaseLinearLayerWithLoRA
+
+    @functools.wraps(create_lora_modules)
+    def patched(self: Any, *args: Any, **kwargs: Any) -> Any:
+        created = create_lora_modules(self, *args, **kwargs)
+        layers = [m for m in self.modules.values() if isinstance(m, BaseLinearLayerWithLoRA)]
+        wrappers = {id(m.punica_wrapper): m.punica_wrapper for m in layers}
+        if len(wrappers) == 1:
+            (wrapper,) = wrappers.values()
+            wrapper._loraplex_layers = layers
+            for number, layer in enumerate(layers):
+                layer._loraplex_layer = number
+        return created
+
+    return patched
+
+
+def _traceable_layer(apply_lora_to_output: Any) -> Any:
+    """A LoRA linear layer's `_apply_lora_to_output` as it is in eager mode; while the compiler
+    traces the model, a call of `loraplex::lora_layer` with the layer's number."""
+    import torch
+
+    @functools.wraps(apply_lora_to_output)
+    def patched(self: Any, x: Any, output: Any) -> Any:
+        if (
+            torch.compiler.is_compiling()
+            and self._loraplex_layer >= 0
+            and x.dim() == 2
+            and output.dim() == 2
+        ):
+            torch.ops.loraplex.lora_layer(output, x, self._loraplex_layer)
+            return output
+        return apply_lora_to_output(self, x, output)
+
+    return patched
+
+
+def _run_layer(y: Any, x: Any, number: int) -> None:
+    """`loraplex::lora_layer`: layer `number`'s LoRA into y, as the current plan says."""
+    plan = _plan
+    if plan is None:
+        plan = _make_plan()
+    action = plan[number]
+    if action is not None:
+        action(y, x)
+
+
+def _make_plan() -> tuple[Any, ...]:
+    global _plan
+    wrapper, layout = _wrapper, _layout
+    if wrapper is None or layout is None:
+        raise RuntimeError("loraplex: a LoRA layer ran before vLLM set the batch's adapters")
+    key = (layout.present, layout.rows <= lora_cpu_ops.KERNEL_ROWS)
+    plan = _plans.get(key)
+    if plan is None:
+        layers = wrapper.__dict__.get("_loraplex_layers", ())
+        plan = _plans[key] = tuple(_layer_action(wrapper, layer, *key) for layer in layers)
+    _plan = plan
+    return plan
+
+
+def _layer_action(wrapper: Any, layer: Any, present: tuple[int, ...], kernel_sized: bool) -> Any:
+    """What a layer does under a layout: None where no slot present has weights for it (an MLP
+    layer when adapters target attention alone, every layer on a base-only batch); one call of
+    the C kernel for decode-sized batches; else the wrapper's fused path, which also handles
+    everything the kernel call declines."""
+    a, b, slices = layer.lora_a_stacked, layer.lora_b_stacked, tuple(layer.output_slices)
+
+    def fused(y: Any, x: Any) -> None:
+        _fused_linear(wrapper, y, x, a, b, 1.0, slices)
+
+    if not present:
+        return None
+    try:
+        weights = _fused_weights(wrapper, a, b, slices)
+    except Exception:  # the fused path falls back on its own, per call
+        return fused
+    if weights.nonzero.isdisjoint(present):
+        return None
+    if kernel_sized and weights.kernel is not None:
+        return _kernel_action(weights.kernel, fused)
+    return fused
+
+
+def _kernel_action(kernel: lora_cpu_ops.KernelWeights, fused: Any) -> Any:
+    """One C call for the layer (`KernelWeights.apply`, without the calls around it); tensors
+    the kernel does not take, or a failure, go to `fused`."""
+    from server import lora_kernel
+
+    call, address, dtypes = kernel.call, kernel.address, lora_kernel.DTYPES
+
+    def action(y: Any, x: Any) -> None:
+        layout = _layout
+        code = dtypes.get(y.dtype)
+        y_strides, x_strides = y.stride(), x.stride()
+        if (
+            code is not None
+            and x.dtype is y.dtype
+            and y_strides[1] == 1
+            and x_strides[1] == 1
+            and x.shape[0] == layout.rows
+        ):
+            done = call(
+                y.data_ptr(), y_strides[0], x.data_ptr(), x_strides[0], code, layout.row_slots,
+                layout.rows, 1.0, address,
+            )  # fmt: skip
+            if done == 0:
+                return
+        fused(y, x)  # the kernel wrote nothing (it checks before it writes)
+
+    return action
 
 
 def _traceable(method: Any, traced: Any) -> Any:
@@ -185,10 +335,13 @@ def _trace_embedding(y: Any, x: Any, lora_b: Any, add_input: bool = True) -> Any
 def _with_step_layout(update_metadata: Any) -> Any:
     @functools.wraps(update_metadata)
     def patched(self: Any, *args: Any, **kwargs: Any) -> None:
-        global _wrapper
+        global _wrapper, _layout, _plan
+        _plan = None
+        if self is not _wrapper:
+            _plans.clear()
         _wrapper = self
         update_metadata(self, *args, **kwargs)
-        self._loraplex_layout = lora_cpu_ops.StepLayout.of(self.token_lora_indices)
+        _layout = self._loraplex_layout = lora_cpu_ops.StepLayout.of(self.token_lora_indices)
         self._loraplex_sampler_layout = lora_cpu_ops.StepLayout.of(self.sampler_indices)
 
     return patched
@@ -209,14 +362,18 @@ def _recording_writes(activate_adapter: Any) -> Any:
     def patched(self: Any, lora_id: int, *args: Any, **kwargs: Any) -> bool:
         # vLLM calls this for every adapter of every step; it returns True only when it wrote
         # an adapter's weights into a slot.
-        global _writes, _epoch
+        global _writes, _epoch, _plan
         try:
             written = activate_adapter(self, lora_id, *args, **kwargs)
         except BaseException:
             _epoch += 1  # some slot may hold part of an adapter: rebuild everything
+            _plan = None
+            _plans.clear()
             raise
         if written:
             _writes += 1
+            _plan = None
+            _plans.clear()
             if lora_id in self.lora_index_to_id:
                 slot = self.lora_index_to_id.index(lora_id)
                 _slot_writes[slot] = _slot_writes.get(slot, 0) + 1

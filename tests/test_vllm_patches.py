@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import types
 
 import pytest
 
@@ -16,7 +17,7 @@ torch = pytest.importorskip("torch")
 vllm_ops = pytest.importorskip("vllm.lora.ops.torch_ops")
 
 from loraplex.hardware import cpu_info  # noqa: E402
-from server import lora_cpu_ops, lora_kernel, vllm_patches  # noqa: E402
+from server import frame_stack, lora_cpu_ops, lora_kernel, vllm_patches  # noqa: E402
 
 SLOTS, IN, OUT = 4, 64, 96
 
@@ -91,10 +92,12 @@ def test_vllm_ops_show_the_defect_the_patch_fixes():
 
 def test_register_only_patches_when_asked(monkeypatch):
     from vllm.lora import model_manager
+    from vllm.lora.layers.base_linear import BaseLinearLayerWithLoRA
     from vllm.lora.punica_wrapper import punica_cpu
     from vllm.platforms.cpu import CpuPlatform
 
     wrapper, manager = punica_cpu.PunicaWrapperCPU, model_manager.LoRAModelManager
+    layer_output = BaseLinearLayerWithLoRA.__dict__["_apply_lora_to_output"]
     hook = CpuPlatform.__dict__["check_and_update_config"]
     monkeypatch.setattr(CpuPlatform, "check_and_update_config", hook)
     # Record every attribute register() replaces, so that monkeypatch puts it back afterwards.
@@ -102,8 +105,10 @@ def test_register_only_patches_when_asked(monkeypatch):
         monkeypatch.setattr(punica_cpu, name, getattr(punica_cpu, name))
     for owner, name in ((wrapper, "update_metadata"), (wrapper, "add_lora_linear"),
                         (wrapper, "add_lora_logits"), (wrapper, "add_lora_embedding"),
-                        (manager, "activate_adapter")):  # fmt: skip
+                        (manager, "activate_adapter"), (manager, "_create_lora_modules"),
+                        (BaseLinearLayerWithLoRA, "_apply_lora_to_output")):  # fmt: skip
         monkeypatch.setattr(owner, name, getattr(owner, name))
+    monkeypatch.setattr(BaseLinearLayerWithLoRA, "_loraplex_layer", -1, raising=False)
     monkeypatch.setattr(punica_cpu, "_loraplex_patched", False, raising=False)
     # (This process may have been patched already: vLLM loads its plugins in the front end of
     # the in-process test server too.)
@@ -120,6 +125,7 @@ def test_register_only_patches_when_asked(monkeypatch):
     assert CpuPlatform.__dict__["check_and_update_config"] is hook  # LORAPLEX_COMPILE=0
     monkeypatch.setattr(punica_cpu, "_loraplex_patched", False)
     monkeypatch.setattr(wrapper, "add_lora_linear", original_linear)
+    monkeypatch.setattr(BaseLinearLayerWithLoRA, "_apply_lora_to_output", layer_output)
     monkeypatch.delenv(vllm_patches.ENV_COMPILE)
     vllm_patches.register()
     vllm_patches.register()  # idempotent: wrapped once
@@ -127,8 +133,12 @@ def test_register_only_patches_when_asked(monkeypatch):
     # the op for the compiled graph around the fused path, around vLLM's own
     assert wrapper.add_lora_linear.__wrapped__.__wrapped__ is original_linear
     assert CpuPlatform.__dict__["check_and_update_config"] is not hook
-    assert hasattr(torch.ops.loraplex, "add_lora_linear")
-    assert hasattr(torch.ops.loraplex, "add_lora_embedding")
+    # the model's LoRA linear layers: numbered at creation, one op call each in the graph
+    assert BaseLinearLayerWithLoRA._apply_lora_to_output.__wrapped__ is layer_output
+    assert hasattr(manager._create_lora_modules, "__wrapped__")
+    for op in ("lora_layer", "add_lora_linear", "add_lora_embedding"):
+        assert hasattr(torch.ops.loraplex, op)
+    assert frame_stack.counts() is not None  # patch 4: CPython's frame-stack chunks cached
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -771,3 +781,123 @@ def test_a_failing_fused_path_falls_back_instead_of_failing_the_step(monkeypatch
     add_lora_linear(_Wrapper(torch.tensor([0, 1])), torch.zeros(2, OUT), torch.randn(2, IN), a, b,
                     1.0, (OUT,))  # fmt: skip
     assert len(calls) == 1 and vllm_patches.fallback_calls == before + 1
+
+
+def _layer_op_state(monkeypatch, indices, layers):
+    """vllm_patches' module state as the engine has it after vLLM set a batch's adapters: the
+    wrapper, its layout, its numbered layers, no plan yet. The per-op path (`per_op`) counts."""
+    per_op = []
+    wrapper = _Wrapper(indices)
+    wrapper._loraplex_layers = layers
+    monkeypatch.setattr(vllm_patches, "_wrapper", wrapper)
+    monkeypatch.setattr(vllm_patches, "_layout", wrapper._loraplex_layout)
+    monkeypatch.setattr(vllm_patches, "_plan", None)
+    monkeypatch.setattr(vllm_patches, "_plans", {})
+    fused = vllm_patches._fused_add_lora_linear(lambda *args, **kwargs: per_op.append(args))
+    monkeypatch.setattr(vllm_patches, "_fused_linear", fused)
+    vllm_patches._register_ops()
+    return wrapper, per_op
+
+
+def _lora_layer(slots, slices, dtype, **kwargs):
+    """Stands in for a vLLM LoRA linear layer: what `loraplex::lora_layer` reads of it."""
+    a, b = _layer_stacks(slots, slices, dtype, **kwargs)
+    return types.SimpleNamespace(lora_a_stacked=a, lora_b_stacked=b, output_slices=slices)
+
+
+@pytest.mark.parametrize("path", ["kernel", "torch"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_lora_layer_op_plans_each_layer_once_per_layout(monkeypatch, path, dtype):
+    """`loraplex::lora_layer` (the compiled graph's call per LoRA linear layer): the same result
+    as vLLM's ops; nothing done for a layer no adapter of the batch has weights for, nor on a
+    base-only batch; the plan is made once per layout and remade after an adapter activation."""
+    if path == "torch":
+        monkeypatch.setattr(lora_cpu_ops, "KERNEL_ROWS", 0)
+    slices = (OUT, 32, 32)
+    targeted = _lora_layer(3, slices, dtype)  # slots 0, 1, 2: ranks 8, 16, 64
+    untargeted = _lora_layer(3, (OUT,), dtype, empty=(0, 1, 2))  # an MLP layer, say
+    indices = torch.tensor([1, -1, 0, 1])
+    wrapper, per_op = _layer_op_state(monkeypatch, indices, [targeted, untargeted])
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(4, IN, generator=g).to(dtype)
+    y0 = torch.randn(4, sum(slices), generator=g).to(dtype)
+
+    def run(layer, y):
+        torch.ops.loraplex.lora_layer(y, x, layer)
+        return y
+
+    ours, theirs = run(0, y0.clone()), y0.clone()
+    _vllm_layer(theirs, x, targeted.lora_a_stacked, targeted.lora_b_stacked, slices, indices, 1.0)
+    rows = indices >= 0
+    torch.testing.assert_close(ours[rows], theirs[rows], **_tolerance(dtype))
+    assert torch.equal(ours[~rows], y0[~rows])
+    plan = vllm_patches._plan
+    assert plan[1] is None  # no slot holds weights for the untargeted layer
+    assert plan[0] is not None
+    y1 = y0[:, :OUT].clone()
+    assert torch.equal(run(1, y1), y0[:, :OUT])
+    assert torch.equal(run(0, y0.clone()), ours) and vllm_patches._plan is plan  # planned once
+
+    # An adapter activation (vLLM writes slot 0): the next call plans again, with the weights
+    # as they are now.
+    manager = _Manager(3)
+    activate = vllm_patches._recording_writes(lambda self, lora_id: self.activate(lora_id, 0))
+    for stack in (*targeted.lora_a_stacked, *targeted.lora_b_stacked):
+        stack[0] *= 2
+    assert activate(manager, 9) is True and vllm_patches._plan is None
+    again = run(0, y0.clone())
+    expected = y0.clone()
+    _vllm_layer(expected, x, targeted.lora_a_stacked, targeted.lora_b_stacked, slices, indices,
+                1.0)  # fmt: skip
+    torch.testing.assert_close(again[rows], expected[rows], **_tolerance(dtype))
+
+    # A base-only batch: nothing done for any layer.
+    base = lora_cpu_ops.StepLayout.of(torch.tensor([-1, -1, -1, -1]))
+    monkeypatch.setattr(vllm_patches, "_layout", base)
+    monkeypatch.setattr(vllm_patches, "_plan", None)
+    assert torch.equal(run(0, y0.clone()), y0)
+    assert vllm_patches._plan == (None, None)
+    assert per_op == [] and wrapper.fallback_calls == 0
+
+
+def test_lora_layer_op_takes_what_the_kernel_declines_to_the_fused_path(monkeypatch):
+    """A kernel-sized batch whose x the kernel does not take (not contiguous in its last
+    dimension, or rows other than the layout's): the fused path answers, with the same result."""
+    slices = (OUT,)
+    layer = _lora_layer(2, slices, torch.float32)
+    indices = torch.tensor([0, 1, -1])
+    _, per_op = _layer_op_state(monkeypatch, indices, [layer])
+    x = torch.randn(IN, 3).t()  # (3, IN), stride (1, 3)
+    ours, theirs = torch.zeros(3, OUT), torch.zeros(3, OUT)
+    torch.ops.loraplex.lora_layer(ours, x, 0)
+    _vllm_layer(theirs, x.contiguous(), layer.lora_a_stacked, layer.lora_b_stacked, slices,
+                indices, 1.0)  # fmt: skip
+    torch.testing.assert_close(ours[:2], theirs[:2], **_tolerance(torch.float32))
+    assert torch.count_nonzero(ours[2]) == 0 and per_op == []
+    torch.ops.loraplex.lora_layer(torch.zeros(2, OUT), x[:2].contiguous(), 0)  # 2 rows, not 3
+    assert len(per_op) == 1  # the fused path's own fallback: vLLM's per-op path, isolated
+
+
+def test_lora_layers_numbered_in_module_order_where_the_model_has_one_wrapper():
+    """`_create_lora_modules`, patched: every LoRA linear layer gets its number for
+    `loraplex::lora_layer`, from 0 in module order; a model with several punica wrappers (each
+    with its own batch layout) keeps vLLM's calls through `loraplex::add_lora_linear`."""
+    from vllm.lora.layers.base_linear import BaseLinearLayerWithLoRA
+
+    def layer(wrapper):
+        module = BaseLinearLayerWithLoRA.__new__(BaseLinearLayerWithLoRA)  # no weights needed
+        module.punica_wrapper = wrapper
+        return module
+
+    create = vllm_patches._numbering_layers(lambda self: "created")
+    wrapper = types.SimpleNamespace()
+    modules = {"qkv": layer(wrapper), "embedding": object(), "o": layer(wrapper)}
+    assert create(types.SimpleNamespace(modules=modules)) == "created"
+    assert wrapper._loraplex_layers == [modules["qkv"], modules["o"]]
+    assert [m._loraplex_layer for m in wrapper._loraplex_layers] == [0, 1]
+
+    text, vision = types.SimpleNamespace(), types.SimpleNamespace()
+    modules = {"text": layer(text), "vision": layer(vision)}
+    create(types.SimpleNamespace(modules=modules))
+    assert not any("_loraplex_layer" in vars(m) for m in modules.values())
+    assert not hasattr(text, "_loraplex_layers")
