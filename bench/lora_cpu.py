@@ -1,7 +1,8 @@
 """Multi-LoRA throughput of the CPU engine, vLLM's LoRA ops against loraplex's, with a profile.
 
 One vLLM engine per run, in this process's child (engine core in-process, no HTTP: the figures
-isolate the model's LoRA path), with LoRA ops:
+isolate the model's LoRA path; VLLM_ENABLE_V1_MULTIPROCESSING=1 runs the engine core and the
+model worker in processes of their own, as `loraplex serve` does), with LoRA ops:
 
   vllm       vLLM's own torch ops (which also serve base rows of a mixed batch wrongly)
   segmented  loraplex's per-op replacements in the linear layers (one matmul per adapter
@@ -283,7 +284,10 @@ def paired_ratios(samples: dict[str, list[dict[str, Any]]]) -> dict[str, list[fl
 
 
 def run_worker(config: dict[str, Any]) -> dict[str, Any]:
-    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # engine core in this process
+    # Engine core in this process, unless VLLM_ENABLE_V1_MULTIPROCESSING=1 asks for the server's
+    # layout (engine core and model worker in processes of their own; the profile then sees
+    # nothing, the throughput is the server's minus HTTP).
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     os.environ["LORAPLEX_VLLM_PATCHES"] = "0" if config["ops"] == "vllm" else "1"
     if config["ops"] in ("loraplex-torch", "loraplex-model-dtype"):
         os.environ["LORAPLEX_LORA_KERNEL"] = "0"
