@@ -35,5 +35,8 @@ if [ "$extra" = cpu ]; then
   # without a C compiler the server computes LoRA in torch instead (slower), so only warn.
   .venv/bin/python -m server.lora_kernel >/dev/null \
     || echo "warning: no CPU LoRA kernel (needs a C compiler); LoRA will be computed in torch" >&2
+  # The frame-stack cache of the engine processes (server/frame_stack.c), likewise.
+  .venv/bin/python -m server.frame_stack >/dev/null \
+    || echo "warning: no frame-stack cache (needs a C compiler)" >&2
 fi
 echo "==> installed; .venv/bin/loraplex is ready"

@@ -22,6 +22,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import logging
+import os
 from pathlib import Path
 
 from server import lora_kernel
@@ -29,6 +30,7 @@ from server import lora_kernel
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("frame_stack.c")
+ENV_SWITCH = "LORAPLEX_FRAME_STACK_CACHE"  # "0": no cache (CPython's own allocator)
 
 
 class _ArenaAllocator(ctypes.Structure):
@@ -41,11 +43,12 @@ class _ArenaAllocator(ctypes.Structure):
 def install() -> ctypes.CDLL | None:
     """Install the cache in this process (once; later calls return the same); the loaded library,
     or None where it could not be built (no C compiler): then CPython's allocator stays, and
-    the warning says so once."""
+    the warning says so once. LORAPLEX_FRAME_STACK_CACHE=0 leaves CPython's allocator alone
+    (returns None)."""
+    if os.environ.get(ENV_SWITCH) == "0":
+        return None
     try:
-        lib = ctypes.CDLL(
-            str(lora_kernel.compile_library(SOURCE, [], None, "the frame-stack cache"))
-        )
+        lib = ctypes.CDLL(str(build()))
     except (OSError, RuntimeError) as e:
         log.warning("loraplex: no frame-stack cache (calls may map memory per call): %s", e)
         return None
@@ -67,3 +70,12 @@ def counts() -> tuple[int, int] | None:
     if lib is None:
         return None
     return lib.loraplex_frame_stack_reused(), lib.loraplex_frame_stack_passed()
+
+
+def build() -> Path:
+    """Compile the cache's library (see `server.lora_kernel.compile_library`); its path."""
+    return lora_kernel.compile_library(SOURCE, [], None, "the frame-stack cache")
+
+
+if __name__ == "__main__":
+    print(build())

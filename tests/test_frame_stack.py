@@ -86,8 +86,13 @@ def test_deep_stacks_and_other_threads_run_as_before():
     assert reused > 0 and passed > 0
 
 
-def test_without_install_nothing_is_counted():
+def test_without_install_nothing_is_counted_and_the_switch_turns_it_off():
     out = _run("""
-        print(json.dumps({"counts": frame_stack.counts(), "descend": descend(50, 10)}))
+        counts = frame_stack.counts()
+        import os
+        os.environ[frame_stack.ENV_SWITCH] = "0"
+        switched_off = frame_stack.install()
+        print(json.dumps({"counts": counts, "switched_off": switched_off,
+                          "after": frame_stack.counts(), "descend": descend(50, 10)}))
     """)
-    assert out == {"counts": None, "descend": sum(range(1, 11))}
+    assert out == {"counts": None, "switched_off": None, "after": None, "descend": 55}
