@@ -23,6 +23,7 @@ import ctypes
 import functools
 import logging
 import os
+import sys
 from pathlib import Path
 
 from server import lora_kernel
@@ -47,6 +48,8 @@ def install() -> ctypes.CDLL | None:
     (returns None)."""
     if os.environ.get(ENV_SWITCH) == "0":
         return None
+    if not getattr(sys, "_is_gil_enabled", lambda: True)():
+        return None  # free-threaded CPython: the cache relies on the GIL for its lock
     try:
         lib = ctypes.CDLL(str(build()))
     except (OSError, RuntimeError) as e:
